@@ -1,0 +1,366 @@
+"""The drain: seal closed buckets, ship sealed rows, delete them once confirmed.
+
+Invariants that keep billing exact:
+- Sealing changes a row from open to sealed under a row lock and gives it a
+  generation one above any earlier row of the same (org, bucket). Increments
+  only ever touch open rows, so a sealed row's content is final.
+- The event uuid is derived from (org, bucket_start, generation), so shipping
+  the same row twice (a crash after the 2xx, two overlapping drains) sends the
+  same uuid, which PostHog folds into one event.
+- A row is deleted only after a confirmed 200, in the same transaction that
+  writes its DeliveredEvent.
+"""
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Max, Q, Sum
+from django.utils import timezone as django_timezone
+
+from billing_drain.events import build_event, event_uuid
+from billing_drain.lock import drain_lock
+from billing_drain.models import DeliveredEvent
+from billing_drain.transport import BatchRejected, BatchTooLarge, DeliveryFailed, configured_transport
+from metering.buffer import delete_expired_message_keys
+from metering.models import UsageBucket
+
+logger = logging.getLogger(__name__)
+
+SEAL_CHUNK_ROWS = 1000
+_MAX_ERROR_LENGTH = 2000
+
+
+class DrainLockHeld(Exception):
+    def __init__(self, holder):
+        super().__init__(f"another drain holds the lock: {holder or 'unknown holder'}")
+        self.holder = holder
+
+
+@dataclass
+class OrgTotals:
+    events: int = 0
+    compute_milli: int = 0
+    connections: int = 0
+
+
+@dataclass
+class DrainReport:
+    destination: str = ""
+    sealed: int = 0
+    delivered: dict = field(default_factory=lambda: collections.defaultdict(OrgTotals))
+    kept_for_retry: int = 0
+    parked: int = 0
+    requests: int = 0
+    errors: list = field(default_factory=list)
+    lock_lost: bool = False
+    duration_ms: int = 0
+
+    @property
+    def delivered_events(self):
+        return sum(totals.events for totals in self.delivered.values())
+
+    @property
+    def succeeded(self):
+        return not self.errors and self.kept_for_retry == 0 and self.parked == 0 and not self.lock_lost
+
+
+class _StopShipping(Exception):
+    pass
+
+
+def _now():
+    return django_timezone.now()
+
+
+def seal_closed_buckets(now=None, org_id=None, row_ids=None):
+    """Seal open rows whose bucket ended at least the grace period ago; return how many were sealed.
+
+    With ``row_ids``, seal those open rows whether or not their bucket is
+    closed (an operator's "ship now"); later increments go to a new row.
+    """
+    now = now or _now()
+    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
+    sealed = 0
+    while True:
+        with transaction.atomic():
+            candidates = UsageBucket.objects.select_for_update(skip_locked=True).filter(state=UsageBucket.State.OPEN)
+            if row_ids is not None:
+                candidates = candidates.filter(id__in=row_ids)
+            else:
+                candidates = candidates.alias(bucket_end=F("bucket_start") + F("bucket_seconds")).filter(
+                    bucket_end__lte=cutoff
+                )
+            if org_id:
+                candidates = candidates.filter(org_id=org_id)
+            rows = list(candidates.order_by("id")[:SEAL_CHUNK_ROWS])
+            if not rows:
+                return sealed
+            _assign_generations(rows, now)
+            UsageBucket.objects.bulk_update(rows, ["state", "generation", "event_uuid", "sealed_at"])
+            sealed += len(rows)
+
+
+def _assign_generations(rows, now):
+    """Give each row the next generation of its (org, bucket_start).
+
+    Earlier generations are either still in the buffer (sealed or parked) or
+    already in the ledger. The buffer is read first: a row delivered between
+    the two reads is then found in the ledger, so no generation is reused.
+    """
+    orgs = {row.org_id for row in rows}
+    starts = {row.bucket_start for row in rows}
+    previous = collections.defaultdict(int)
+    for source in (
+        UsageBucket.objects.filter(generation__isnull=False),
+        DeliveredEvent.objects.all(),
+    ):
+        for org, start, generation in (
+            source.filter(org_id__in=orgs, bucket_start__in=starts)
+            .values_list("org_id", "bucket_start")
+            .annotate(highest=Max("generation"))
+        ):
+            previous[(org, start)] = max(previous[(org, start)], generation)
+    for row in rows:
+        row.generation = previous[(row.org_id, row.bucket_start)] + 1
+        row.event_uuid = event_uuid(row.org_id, row.bucket_start, row.generation)
+        row.state = UsageBucket.State.SEALED
+        row.sealed_at = now
+
+
+def ship_sealed(
+    report, transport, now=None, org_id=None, batch_size=None, keep_lock=None, progress=None, row_ids=None
+):
+    """Ship sealed rows that are due, page by page; fills ``report``.
+
+    Stops at the first failure that is not about one event (network, 5xx,
+    429, auth): the rows keep their state with a backoff, and the next drain
+    retries them. ``keep_lock`` is called between pages; when it returns False
+    the lock was lost and shipping stops early (billing stays correct either way).
+    With ``row_ids``, only those rows are shipped, whatever their backoff.
+    """
+    now = now or _now()
+    batch_size = batch_size or settings.DRAIN_BATCH_SIZE
+    due = _due_rows(now, org_id, row_ids)
+    total = due.count()
+    done = 0
+    last_id = 0
+    while True:
+        page = list(due.filter(id__gt=last_id).order_by("id")[:batch_size])
+        if not page:
+            return
+        last_id = page[-1].id
+        try:
+            _deliver(page, transport, report, now)
+        except _StopShipping:
+            report.kept_for_retry += due.filter(id__gt=last_id).count()
+            return
+        done += len(page)
+        if progress:
+            progress(done, total)
+        if keep_lock is not None and not keep_lock():
+            report.lock_lost = True
+            report.errors.append("the drain lock was lost; stopped shipping, the next drain goes on")
+            return
+
+
+def _due_rows(now, org_id, row_ids=None):
+    due = UsageBucket.objects.filter(state=UsageBucket.State.SEALED)
+    if row_ids is not None:
+        due = due.filter(id__in=row_ids)
+    else:
+        due = due.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    if org_id:
+        due = due.filter(org_id=org_id)
+    return due
+
+
+def _deliver(rows, transport, report, now):
+    """Send rows in one request; split on 413, bisect on 400, park single bad events."""
+    report.requests += 1
+    try:
+        transport.send([build_event(row) for row in rows])
+    except (BatchTooLarge, BatchRejected) as error:
+        if len(rows) == 1:
+            _park(rows[0], error, report)
+            return
+        middle = len(rows) // 2
+        logger.info("splitting a batch of %s events after: %s", len(rows), error)
+        _deliver(rows[:middle], transport, report, now)
+        _deliver(rows[middle:], transport, report, now)
+        return
+    except DeliveryFailed as error:
+        _keep_for_retry(rows, error, report, now)
+        raise _StopShipping() from error
+    mark_delivered(rows, transport.destination, report)
+
+
+def mark_delivered(rows, destination, report):
+    """Delete delivered rows and write their ledger entries in one transaction."""
+    delivered_at = _now()
+    with transaction.atomic():
+        still_sealed = set(
+            UsageBucket.objects.select_for_update()
+            .filter(id__in=[row.id for row in rows], state=UsageBucket.State.SEALED)
+            .values_list("id", flat=True)
+        )
+        delivered = [row for row in rows if row.id in still_sealed]
+        UsageBucket.objects.filter(id__in=list(still_sealed)).delete()
+        DeliveredEvent.objects.bulk_create(
+            [
+                DeliveredEvent(
+                    event_uuid=row.event_uuid,
+                    org_id=row.org_id,
+                    bucket_start=row.bucket_start,
+                    bucket_seconds=row.bucket_seconds,
+                    generation=row.generation,
+                    compute_milli=row.compute_milli,
+                    cpu_milli=row.cpu_milli,
+                    memory_milli=row.memory_milli,
+                    connections=row.connections,
+                    end_reasons=row.end_reasons(),
+                    destination=destination[:300],
+                    delivered_at=delivered_at,
+                )
+                for row in delivered
+            ],
+            ignore_conflicts=True,
+        )
+    for row in delivered:
+        totals = report.delivered[row.org_id]
+        totals.events += 1
+        totals.compute_milli += row.compute_milli
+        totals.connections += row.connections
+
+
+def _keep_for_retry(rows, error, report, now):
+    retry_after = getattr(error, "retry_after", None)
+    for row in rows:
+        row.attempts += 1
+        delay = min(settings.DRAIN_MAX_BACKOFF_SECONDS, 30 * 2 ** (row.attempts - 1))
+        if retry_after:
+            delay = max(delay, min(float(retry_after), settings.DRAIN_MAX_BACKOFF_SECONDS))
+        row.next_attempt_at = now + timedelta(seconds=delay)
+        row.last_error = str(error)[:_MAX_ERROR_LENGTH]
+    UsageBucket.objects.bulk_update(rows, ["attempts", "next_attempt_at", "last_error"])
+    report.kept_for_retry += len(rows)
+    report.errors.append(str(error))
+    logger.warning(
+        "delivery of %s events to %s failed: %s; rows kept, next attempt in about %s s",
+        len(rows),
+        getattr(report, "destination", "?"),
+        error,
+        int((rows[0].next_attempt_at - now).total_seconds()),
+    )
+
+
+def _park(row, error, report):
+    row.state = UsageBucket.State.REJECTED
+    row.attempts += 1
+    row.last_error = str(error)[:_MAX_ERROR_LENGTH]
+    UsageBucket.objects.filter(id=row.id, state=UsageBucket.State.SEALED).update(
+        state=row.state, attempts=row.attempts, last_error=row.last_error
+    )
+    report.parked += 1
+    logger.error(
+        "parked event %s (org %s, bucket %s) as rejected: %s; fix it and use 'retry parked' in the admin",
+        row.event_uuid,
+        row.org_id,
+        row.bucket_start,
+        error,
+    )
+
+
+def drain(now=None, org_id=None, transport=None, keep_lock=None, progress=None, batch_size=None):
+    """Seal closed buckets, ship what is due and forget expired message ids; return a DrainReport."""
+    started = time.monotonic()
+    now = now or _now()
+    transport = transport or configured_transport()
+    report = DrainReport(destination=transport.destination)
+    logger.info("drain started: org=%s destination=%s", org_id or "all", report.destination)
+
+    report.sealed = seal_closed_buckets(now, org_id)
+    ship_sealed(report, transport, now, org_id, batch_size, keep_lock, progress)
+    delete_expired_message_keys(now - settings.METERING_DEDUP_RETENTION)
+
+    report.duration_ms = int((time.monotonic() - started) * 1000)
+    logger.info(
+        "drain finished: sealed=%s delivered=%s compute_seconds=%s requests=%s kept_for_retry=%s parked=%s "
+        "destination=%s ms=%s",
+        report.sealed,
+        report.delivered_events,
+        _seconds_text(sum(totals.compute_milli for totals in report.delivered.values())),
+        report.requests,
+        report.kept_for_retry,
+        report.parked,
+        report.destination,
+        report.duration_ms,
+    )
+    return report
+
+
+def drain_with_lock(now=None, org_id=None, transport=None, progress=None, batch_size=None):
+    """Run ``drain`` under the singleton lock; raises DrainLockHeld when another drain holds it."""
+    lock = drain_lock()
+    if not lock.acquire():
+        raise DrainLockHeld(lock.holder())
+    try:
+        return drain(now, org_id, transport, lock.extend, progress, batch_size)
+    finally:
+        lock.release()
+
+
+def ship_now(row_ids, transport=None):
+    """Seal and ship the given rows at once, under the drain lock; return a DrainReport."""
+    lock = drain_lock()
+    if not lock.acquire():
+        raise DrainLockHeld(lock.holder())
+    try:
+        transport = transport or configured_transport()
+        report = DrainReport(destination=transport.destination)
+        report.sealed = seal_closed_buckets(row_ids=row_ids)
+        ship_sealed(report, transport, keep_lock=lock.extend, row_ids=row_ids)
+        return report
+    finally:
+        lock.release()
+
+
+def retry_parked(row_ids=None):
+    """Put parked (rejected) rows back in the queue to ship; return how many."""
+    parked = UsageBucket.objects.filter(state=UsageBucket.State.REJECTED)
+    if row_ids is not None:
+        parked = parked.filter(id__in=row_ids)
+    return parked.update(state=UsageBucket.State.SEALED, attempts=0, next_attempt_at=None)
+
+
+def pending_by_org(now=None, org_id=None):
+    """Return what a drain would seal and ship now, per org: {org: OrgTotals}. Writes nothing."""
+    now = now or _now()
+    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
+    closed_open = UsageBucket.objects.alias(bucket_end=F("bucket_start") + F("bucket_seconds")).filter(
+        state=UsageBucket.State.OPEN, bucket_end__lte=cutoff
+    )
+    if org_id:
+        closed_open = closed_open.filter(org_id=org_id)
+    pending = collections.defaultdict(OrgTotals)
+    for queryset in (closed_open, _due_rows(now, org_id)):
+        for org, events, compute_milli, connections in queryset.values_list("org_id").annotate(
+            events=Count("id"), compute=Sum("compute_milli"), conns=Sum("connections")
+        ).values_list("org_id", "events", "compute", "conns"):
+            totals = pending[org]
+            totals.events += events
+            totals.compute_milli += compute_milli
+            totals.connections += connections
+    return pending
+
+
+def _seconds_text(milli):
+    return f"{milli // 1000}.{milli % 1000:03d}"
+
+
+def bucket_start_datetime(bucket_start):
+    return datetime.fromtimestamp(bucket_start, timezone.utc)

@@ -1,0 +1,63 @@
+import os
+import uuid
+
+import pytest
+import redis
+from django.db import connection
+
+from tests.capture_server import CaptureServer
+from tests.processes import CeleryProcess
+
+
+@pytest.fixture
+def capture_server():
+    with CaptureServer(api_key="phc_test_key") as server:
+        yield server
+
+
+@pytest.fixture
+def posthog_settings(settings, capture_server):
+    """Point the drain at the local capture server."""
+    settings.POSTHOG_API_KEY = "phc_test_key"
+    settings.POSTHOG_HOST = capture_server.url
+    settings.POSTHOG_TIMEOUT_SECONDS = 5
+    return settings
+
+
+@pytest.fixture
+def redis_client():
+    client = redis.Redis.from_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def worker_env(transactional_db, tmp_path, redis_client):
+    """Environment for worker processes: the test database and a queue of this test's own."""
+    database = connection.settings_dict
+    env = dict(os.environ)
+    env["DATABASE_URL"] = (
+        f"postgres://{database['USER']}@{database['HOST'] or '127.0.0.1'}:{database['PORT'] or 5432}/{database['NAME']}"
+    )
+    env["CELERY_QUEUE"] = f"test-{uuid.uuid4().hex[:8]}"
+    env["METERING_DATA_DIR"] = str(tmp_path / "var")
+    env["CELERY_VISIBILITY_TIMEOUT"] = "5"
+    return env
+
+
+@pytest.fixture
+def start_worker(worker_env, tmp_path):
+    """Start real Celery workers on this test's queue; all are stopped at the end of the test."""
+    started = []
+
+    def start(extra_env=None, name="worker"):
+        env = {**worker_env, **(extra_env or {})}
+        process = CeleryProcess("worker", env, tmp_path / f"{name}-{len(started)}.log").start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
