@@ -183,8 +183,9 @@ LOGGING = {
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain"},
     },
+    "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "metering": {"handlers": ["console"], "level": env_str("METERING_LOG_LEVEL", "INFO"), "propagate": False},
-        "billing_drain": {"handlers": ["console"], "level": env_str("METERING_LOG_LEVEL", "INFO"), "propagate": False},
+        "metering": {"level": env_str("METERING_LOG_LEVEL", "INFO")},
+        "billing_drain": {"level": env_str("METERING_LOG_LEVEL", "INFO")},
     },
 }

@@ -217,6 +217,7 @@ class Scenario:
 HELD_SECONDS = 0.5
 APP_USER = "svc_test"
 APP_DATABASE = "org_test1"
+MISSING_DATABASE = "org_missing"
 # A statement with a newline and quotes, so the logged STATEMENT spans lines.
 FAILING_STATEMENT = "select 1/0,\n  'it''s \"quoted\"' as label"
 
@@ -226,8 +227,9 @@ def run_sessions(server: PostgresServer) -> Scenario:
 
     The sessions are: a setup session, a session held open over TCP, a session
     whose statement fails with an ERROR, a session ended by
-    pg_terminate_backend (a FATAL), the session that terminated it, and a last
-    plain session on the postgres database.
+    pg_terminate_backend (a FATAL), the session that terminated it, a
+    connection attempt to a missing database, which fails with a FATAL and
+    logs no disconnection, and a last plain session on the postgres database.
     """
     started_at = datetime.now(timezone.utc)
     sessions = []
@@ -272,6 +274,14 @@ def run_sessions(server: PostgresServer) -> Scenario:
     sessions.append(ExpectedSession(
         "terminated", victim_pid, APP_USER, APP_DATABASE, "fatal_error",
     ))
+
+    # A connection that fails during startup logs a FATAL but no disconnection.
+    try:
+        server.connect(MISSING_DATABASE, APP_USER).close()
+    except psycopg.OperationalError:
+        pass
+    else:
+        raise AssertionError(f"connecting to {MISSING_DATABASE!r} did not fail")
 
     with server.connect() as last:
         last.execute("select 1")

@@ -1,0 +1,89 @@
+"""End to end: client threads -> Redis -> a real Celery worker -> PostgreSQL -> drain -> capture server."""
+
+import math
+import random
+import threading
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from fractions import Fraction
+
+import pytest
+
+from billing_drain import services
+from billing_drain.models import DeliveredEvent
+from metering.client import MeteringClient
+from metering.models import UsageBucket
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.integration
+
+SIZES = [("8", "16Gi", 8, 16), ("8", "64Gi", 8, 64), ("2", "4Gi", 2, 4), ("500m", "3Gi", Fraction(1, 2), 3)]
+
+
+def expected_milli(cores, memory_gib, seconds):
+    """Recompute one connection's compute seconds in thousandths, independently of metering.units."""
+    billed = max(1, math.ceil(Fraction(seconds)))
+    exact = max(Fraction(cores), Fraction(memory_gib) / 2) * billed * 1000
+    return math.floor(exact + Fraction(1, 2))
+
+
+@pytest.fixture
+def client(settings, worker_env):
+    settings.CELERY_TASK_DEFAULT_QUEUE = worker_env["CELERY_QUEUE"]
+    client = MeteringClient(
+        bucket_seconds=60,
+        memory_per_core_gib=2,
+        max_connection_seconds=86400,
+        flush_seconds=0.2,
+        register_exit_flush=False,
+    )
+    yield client
+    client.close(timeout=5)
+
+
+def test_thousand_connection_ends_bill_exactly(client, start_worker, posthog_settings, capture_server):
+    start_worker()
+    now = datetime.now(timezone.utc)
+    rng = random.Random(7)
+    work = []
+    for index in range(1000):
+        org = f"org-{index % 50}"
+        cores, memory, cores_value, memory_gib = SIZES[index % len(SIZES)]
+        seconds = f"{rng.randint(0, 600)}.{rng.randint(0, 999):03d}"
+        ended_at = now - timedelta(minutes=rng.randint(3, 6), seconds=rng.randint(0, 59))
+        work.append((org, cores, memory, ended_at, seconds, expected_milli(cores_value, memory_gib, seconds)))
+    expected = defaultdict(int)
+    for org, _, _, ended_at, _, milli in work:
+        bucket = int(ended_at.timestamp()) // 60 * 60
+        expected[(org, bucket)] += milli
+
+    def record(part):
+        for org, cores, memory, ended_at, seconds, _ in part:
+            client.record(org, cores, memory, ended_at=ended_at, duration_seconds=seconds)
+
+    threads = [threading.Thread(target=record, args=(work[start::3],)) for start in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert client.flush() is True
+    wait_until(
+        lambda: sum(UsageBucket.objects.values_list("connections", flat=True)) == 1000,
+        30,
+        message="all 1,000 connections in the buffer",
+    )
+
+    report = services.drain()
+
+    assert report.succeeded
+    events = capture_server.events_by_uuid()
+    billed = defaultdict(int)
+    for event in events.values():
+        key = (event["distinct_id"], int(datetime.fromisoformat(event["timestamp"]).timestamp()))
+        billed[key] += event["properties"]["compute_milli"]
+    assert billed == expected
+    assert len(events) == len(expected)
+    assert capture_server.conflicting_uuids() == set()
+    assert UsageBucket.objects.count() == 0
+    assert DeliveredEvent.objects.count() == len(expected)
+    assert client.stats().get("invalid", 0) == 0
