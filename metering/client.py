@@ -63,21 +63,26 @@ class _RateLimitedLog:
         logger.warning(message, *args)
 
 
-def publish_with_celery(batch_id, rows, timeout_seconds):
+def publish_with_celery(batch_id, rows, timeout_seconds, *, app=None, queue=None):
     """Send one batch to the worker as a ``metering.apply_batch`` message.
 
-    Raises whatever kombu raises when the broker cannot take the message. The
-    broker transport options bound each socket operation by the same timeout.
+    ``app`` defaults to the project's Celery app and ``queue`` to
+    CELERY_TASK_DEFAULT_QUEUE. Raises whatever kombu raises when the broker
+    cannot take the message. The app's broker transport options should bound
+    each socket operation by the same timeout, as the project's settings do.
     """
     from django.conf import settings
 
-    from settings.celery import app
+    if app is None:
+        from settings.celery import app
+    if queue is None:
+        queue = settings.CELERY_TASK_DEFAULT_QUEUE
 
     app.send_task(
         "metering.apply_batch",
         kwargs={"batch_id": batch_id, "rows": rows},
         task_id=batch_id,
-        queue=settings.CELERY_TASK_DEFAULT_QUEUE,
+        queue=queue,
         retry=True,
         retry_policy={
             "max_retries": 1,

@@ -8,8 +8,8 @@ formats the server writes:
 * ``stderr``: text lines whose ``log_line_prefix`` begins with ``%m`` or ``%t``.
   The process id comes from the first ``[digits]`` in the prefix (``[%p]``), so
   a prefix without it yields sessions with ``pid == 0`` and no end reason.
-* ``csv``: the ``csvlog`` destination, 23 to 26 columns depending on the
-  server version (PostgreSQL 15 writes 26).
+* ``csv``: the ``csvlog`` destination. PostgreSQL 15 writes 26 columns, and
+  the reader uses only the first 14, from log_time to message.
 * ``json``: the ``jsonlog`` destination (PostgreSQL 15 and later), one object
   per line.
 
@@ -106,7 +106,7 @@ _SESSION_START_MESSAGES = (
     "replication connection authorized: ",
 )
 
-# csvlog column positions, the same from PostgreSQL 9.0 to 15.
+# csvlog column positions as PostgreSQL 15 writes them.
 _CSV_LOG_TIME = 0
 _CSV_PROCESS_ID = 3
 _CSV_ERROR_SEVERITY = 11
@@ -118,7 +118,7 @@ _CSV_MIN_COLUMNS = 14
 _CSV_FIELD_SIZE_LIMIT = 64 * 1024 * 1024
 
 # Upper bound on the pids whose ERROR or FATAL is remembered until their
-# disconnection record. Entries for sessions that never log a disconnection
+# disconnection record. Entries for processes that never log a disconnection
 # (failed authentication, background workers) stay until the pid is reused,
 # so the oldest entry is dropped when the bound is reached.
 _MAX_TRACKED_PIDS = 100_000
@@ -138,13 +138,20 @@ _MAX_LOGGED_UNPARSEABLE_LINES = 10
 class LoggedSession:
     """One client session, built from its disconnection record."""
 
+    # Same value each time the same record is read; see _connection_id.
     connection_id: str
+    # The disconnection record's timestamp, in the zone the log wrote.
     ended_at: datetime
+    # PostgreSQL's "session time" in seconds, exact to the millisecond.
     duration: Decimal
     user: str
+    # Empty for a physical replication connection.
     database: str
+    # 0 when a stderr log_line_prefix has no [%p].
     pid: int
+    # One of the END_REASON_* values.
     end_reason: str
+    # "path:line" of the disconnection record.
     source: str
 
 
@@ -152,9 +159,15 @@ class LoggedSession:
 class ReadStats:
     """Counts that ``read_sessions`` updates while it reads a file."""
 
+    # Physical lines read so far.
     lines: int = 0
+    # Records, or lines that start like one, that could not be parsed and
+    # were skipped, such as a disconnection record with a broken session time.
     unparseable_lines: int = 0
+    # Disconnection records turned into sessions.
     disconnections: int = 0
+    # Bytes read from the file, compressed bytes for gzip, so that a caller
+    # can compare it with os.path.getsize to show progress.
     bytes_read: int = 0
 
 
@@ -189,9 +202,10 @@ def read_sessions(
     The format name, the file's readability and its first record are checked
     before this function returns. Raises ``ValueError`` for an unknown format
     name and ``LogFormatError`` for a file that cannot be opened or does not
-    match the format. A gzip stream that turns out corrupt or truncated later
-    raises ``LogFormatError`` from the iterator, after the sessions before the
-    damage have been yielded.
+    match the format. The iterator raises ``LogFormatError`` for a gzip stream
+    that turns out corrupt or truncated and for a timestamp whose zone
+    abbreviation has no single known offset, after yielding the sessions
+    before that point.
     """
     if log_format not in LOG_FORMATS:
         raise ValueError(
@@ -348,8 +362,10 @@ def _read_stderr_records(stream: TextIO, path: str, stats: ReadStats) -> Iterato
             continue
         match = _STDERR_RECORD.match(line)
         if match is None:
-            # Lines without a prefix are output that reached the server's
-            # stderr from elsewhere, but a damaged record must be counted.
+            # Lines without a timestamp are usually output of other programs
+            # that reached the server's stderr, and are skipped silently.
+            # A line that starts with a date or contains a disconnection is
+            # a damaged record, so it is counted.
             if _LOOKS_LIKE_STDERR_RECORD.match(line) or "disconnection: " in line:
                 _count_unparseable(stats, path, stats.lines, "no timestamp and severity")
             continue

@@ -128,7 +128,7 @@ DRAIN_MAX_BACKOFF_SECONDS = env_int("DRAIN_MAX_BACKOFF_SECONDS", 3600, minimum=1
 REDIS_URL = env_str("REDIS_URL")
 
 # Celery.
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost/")
 CELERY_BROKER_DIR = DATA_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem://"):
     for folder in ("queue", "processed"):

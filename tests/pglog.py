@@ -114,7 +114,7 @@ class PostgresServer:
         )
 
     def wait_for_disconnections(self, count: int) -> None:
-        """Wait until the stderr log holds ``count`` disconnection records.
+        """Wait until the stderr log contains ``count`` disconnection records.
 
         The logging collector writes asynchronously, so a test that reads the
         log right after closing a connection could miss its last records.
@@ -225,11 +225,16 @@ FAILING_STATEMENT = "select 1/0,\n  'it''s \"quoted\"' as label"
 def run_sessions(server: PostgresServer) -> Scenario:
     """Open one session of each kind that the reader must tell apart.
 
-    The sessions are: a setup session, a session held open over TCP, a session
-    whose statement fails with an ERROR, a session ended by
-    pg_terminate_backend (a FATAL), the session that terminated it, a
-    connection attempt to a missing database, which fails with a FATAL and
-    logs no disconnection, and a last plain session on the postgres database.
+    In order, it opens:
+
+    * "setup", which creates the application role and database,
+    * "held", held open over TCP for HELD_SECONDS,
+    * "error", whose statement fails with an ERROR,
+    * "terminated", ended by pg_terminate_backend with a FATAL,
+    * "killer", the session that called pg_terminate_backend,
+    * a connection attempt to a missing database, which logs a FATAL but no
+      disconnection and so is no session,
+    * "last", a plain session on the postgres database.
     """
     started_at = datetime.now(timezone.utc)
     sessions = []

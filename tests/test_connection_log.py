@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -112,7 +113,9 @@ def _assert_matches_scenario(sessions: list[LoggedSession], scenario: pglog.Scen
         assert session.end_reason == expected.end_reason, expected.label
         assert session.duration > 0, expected.label
         assert session.duration >= Decimal(str(expected.held_seconds)), expected.label
-        assert session.duration <= Decimal(str(expected.held_seconds)) + SESSION_OVERHEAD_LIMIT
+        assert session.duration <= Decimal(str(expected.held_seconds)) + SESSION_OVERHEAD_LIMIT, (
+            expected.label
+        )
         assert session.ended_at.utcoffset() is not None, expected.label
         assert scenario.started_at - CLOCK_SLACK <= session.ended_at, expected.label
         assert session.ended_at <= scenario.finished_at + CLOCK_SLACK, expected.label
@@ -512,6 +515,33 @@ def test_pid_reuse_in_same_millisecond(utc_logs, tmp_path):
     assert len(sessions) == 1
     assert sessions[0].ended_at == connection_log._parse_timestamp(timestamp)
     assert sessions[0].end_reason == "client_disconnect"
+
+
+@requires_postgres
+def test_pending_errors_are_bounded(utc_logs, monkeypatch, caplog):
+    monkeypatch.setattr(connection_log, "_MAX_TRACKED_PIDS", 5)
+    text = utc_logs.path("stderr").read_text()
+    failed_pid = _failed_connection_pid(text)
+    fatal_line = next(line for line in _stderr_lines_of(text, failed_pid) if " FATAL: " in line)
+    error_pid = utc_logs.scenario.by_label("error").pid
+    # Failed connections of 50 other pids, which never log a disconnection.
+    lines = _stderr_lines_of(text, error_pid)[:-1]
+    lines += [fatal_line.replace(f" [{failed_pid}] ", f" [{900_000 + i}] ") for i in range(50)]
+    lines += _stderr_lines_of(text, error_pid)[-1:]
+    tracker = connection_log._SessionTracker("reused.log", ReadStats())
+    records = connection_log._read_stderr_records(io.StringIO("".join(lines)), "reused.log", ReadStats())
+
+    sessions = []
+    for record in records:
+        session = tracker.add(record)
+        if session is not None:
+            sessions.append(session)
+        assert len(tracker._pending) <= 5
+
+    # The error session's ERROR was the oldest entry, so it was dropped.
+    assert [session.end_reason for session in sessions] == ["client_disconnect"]
+    warnings = [record for record in caplog.records if "more than 5 processes" in record.message]
+    assert len(warnings) == 1
 
 
 @requires_postgres
