@@ -18,7 +18,6 @@ from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "billing-drain"
 
 
 def _new_token():
@@ -35,14 +34,15 @@ class RedisDrainLock:
         self.timeout_seconds = timeout_seconds
         self.description = "Redis"
         self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._lock = self._client.lock(LOCK_NAME, timeout=timeout_seconds, blocking=False)
+        self.name = settings.DRAIN_LOCK_NAME
+        self._lock = self._client.lock(self.name, timeout=timeout_seconds, blocking=False)
 
     def acquire(self):
         return bool(self._lock.acquire(token=_new_token()))
 
     def holder(self):
         try:
-            value = self._client.get(LOCK_NAME)
+            value = self._client.get(self.name)
         except Exception as error:  # noqa: BLE001 - only used for a message
             return f"unknown ({error})"
         return value.decode("utf-8", "replace") if value else None
@@ -71,6 +71,7 @@ class DatabaseDrainLock:
     def __init__(self, timeout_seconds):
         self.timeout_seconds = timeout_seconds
         self.description = "database"
+        self.name = settings.DRAIN_LOCK_NAME
         self._token = _new_token()
 
     def _lease_model(self):
@@ -83,23 +84,23 @@ class DatabaseDrainLock:
         now = timezone.now()
         try:
             with transaction.atomic():
-                lease.objects.get_or_create(name=LOCK_NAME, defaults={"expires_at": now})
+                lease.objects.get_or_create(name=self.name, defaults={"expires_at": now})
         except IntegrityError:
             pass
         taken = (
-            lease.objects.filter(name=LOCK_NAME)
+            lease.objects.filter(name=self.name)
             .filter(Q(expires_at__lte=now) | Q(holder=self._token))
             .update(holder=self._token, expires_at=now + timedelta(seconds=self.timeout_seconds))
         )
         return taken == 1
 
     def holder(self):
-        lease = self._lease_model().objects.filter(name=LOCK_NAME, expires_at__gt=timezone.now()).first()
+        lease = self._lease_model().objects.filter(name=self.name, expires_at__gt=timezone.now()).first()
         return lease.holder if lease else None
 
     def extend(self):
         lease = self._lease_model()
-        extended = lease.objects.filter(name=LOCK_NAME, holder=self._token).update(
+        extended = lease.objects.filter(name=self.name, holder=self._token).update(
             expires_at=timezone.now() + timedelta(seconds=self.timeout_seconds)
         )
         if not extended:
@@ -108,7 +109,7 @@ class DatabaseDrainLock:
 
     def release(self):
         try:
-            self._lease_model().objects.filter(name=LOCK_NAME, holder=self._token).update(
+            self._lease_model().objects.filter(name=self.name, holder=self._token).update(
                 holder="", expires_at=timezone.now()
             )
         except Exception as error:  # noqa: BLE001 - release must not raise

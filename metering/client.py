@@ -119,7 +119,7 @@ class MeteringClient:
         self.publish_timeout_seconds = float(publish_timeout_seconds)
         self.exit_flush_seconds = float(exit_flush_seconds)
         self._publish = publish
-        self._sizes = {}
+        self._rates = {}
         self._log = _RateLimitedLog()
         self._reset_state()
         if register_exit_flush:
@@ -238,9 +238,9 @@ class MeteringClient:
 
     def _fold_one(self, org_id, cores, memory, started_at, ended_at, duration_seconds, end_reason, connection_id):
         org_id = validate_org_id(org_id)
-        size = self._worker_size(cores, memory)
+        rates = self._worker_rates(cores, memory)
         ended_epoch, duration = resolve_times(started_at, ended_at, duration_seconds, self.max_connection_seconds)
-        usage = units.connection_usage(size, duration, self.memory_per_core_gib)
+        usage = units.usage_for_seconds(rates, units.billed_seconds(duration))
         reason = self._end_reason(end_reason, org_id)
         bucket_start = units.bucket_start_for(ended_epoch, self.bucket_seconds)
 
@@ -282,19 +282,19 @@ class MeteringClient:
             self._pending_keys(),
         )
 
-    def _worker_size(self, cores, memory):
+    def _worker_rates(self, cores, memory):
         cache_key = (cores, memory)
         try:
-            return self._sizes[cache_key]
+            return self._rates[cache_key]
         except (KeyError, TypeError):
             pass
-        size = units.parse_worker_size(cores, memory)
-        if len(self._sizes) < 10_000:
+        rates = units.usage_rates(units.parse_worker_size(cores, memory), self.memory_per_core_gib)
+        if len(self._rates) < 10_000:
             try:
-                self._sizes[cache_key] = size
+                self._rates[cache_key] = rates
             except TypeError:
                 pass
-        return size
+        return rates
 
     def _end_reason(self, end_reason, org_id):
         if units.normalise_end_reason(end_reason) is not None:

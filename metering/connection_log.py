@@ -472,6 +472,10 @@ class _SessionTracker:
     new connection with the same pid. Without ``log_connections``, a stale
     record from an earlier process with the same pid is recognised by its
     timestamp, which lies before the new session's start.
+
+    NOTE: without log_connections, a %t log cannot separate a FATAL of a
+    failed connection from a new session that reuses its pid within about a
+    second, and the new session is reported as "fatal_error".
     """
 
     def __init__(self, path: str, stats: ReadStats):

@@ -36,6 +36,7 @@ class ImportSummary:
     sessions_by_org: collections.Counter = field(default_factory=collections.Counter)
     unparseable_lines: int = 0
     published_rows: int = 0
+    published_messages: int = 0
     first_bucket: int | None = None
     last_bucket: int | None = None
     connection_ids: list | None = None
@@ -153,6 +154,7 @@ def import_logs(
     _flush(client)
     stats = client.stats()
     summary.published_rows = stats.get("published_rows", 0)
+    summary.published_messages = stats.get("published_messages", 0)
     if stats.get("invalid"):
         raise ImportFailed(f"{stats['invalid']} sessions were rejected by the metering client; see the log above")
     return summary

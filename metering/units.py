@@ -146,14 +146,47 @@ def round_to_milli(value):
 
 def connection_usage(size, duration_seconds, memory_per_core_gib):
     """Compute one connection's usage from its worker size and exact duration."""
-    seconds = billed_seconds(duration_seconds)
-    per_second = max(size.cores, size.memory_gib / Fraction(memory_per_core_gib))
+    return usage_for_seconds(usage_rates(size, memory_per_core_gib), billed_seconds(duration_seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRates:
+    """A worker size's usage per second, each as an exact (numerator, denominator) pair of integers."""
+
+    compute: tuple
+    cpu: tuple
+    memory: tuple
+
+
+def usage_rates(size, memory_per_core_gib):
+    """Return a worker size's per-second rates, for ``usage_for_seconds``."""
+    compute = max(size.cores, size.memory_gib / Fraction(memory_per_core_gib))
+    return UsageRates(
+        compute=(compute.numerator, compute.denominator),
+        cpu=(size.cores.numerator, size.cores.denominator),
+        memory=(size.memory_gib.numerator, size.memory_gib.denominator),
+    )
+
+
+def usage_for_seconds(rates, seconds):
+    """Compute the usage of ``seconds`` billed whole seconds with integer arithmetic only.
+
+    Each value is rate * seconds rounded half up to thousandths, as
+    ``round_to_milli`` does, without building a Fraction per connection:
+    Fraction arithmetic was most of the in-process client's cost per connection.
+    """
     return ConnectionUsage(
-        compute_milli=round_to_milli(per_second * seconds),
-        cpu_milli=round_to_milli(size.cores * seconds),
-        memory_milli=round_to_milli(size.memory_gib * seconds),
+        compute_milli=_rate_to_milli(rates.compute, seconds),
+        cpu_milli=_rate_to_milli(rates.cpu, seconds),
+        memory_milli=_rate_to_milli(rates.memory, seconds),
         billed_seconds=seconds,
     )
+
+
+def _rate_to_milli(rate, seconds):
+    # floor(n * s * 1000 / d + 1/2), the half-up rounding of round_to_milli.
+    numerator, denominator = rate
+    return (2000 * numerator * seconds + denominator) // (2 * denominator)
 
 
 def milli_to_decimal(milli):

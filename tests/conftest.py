@@ -25,11 +25,16 @@ def posthog_settings(settings, capture_server):
 
 
 @pytest.fixture
-def redis_client():
+def redis_client(settings):
+    """A Redis client, and a drain lock name of this test's own.
+
+    Tests share one Redis database with other test runs, so nothing here
+    flushes it: each test uses its own queue and lock keys.
+    """
+    settings.DRAIN_LOCK_NAME = f"billing-drain-test-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
-    client.flushdb()
     yield client
-    client.flushdb()
+    client.delete(settings.DRAIN_LOCK_NAME)
     client.close()
 
 

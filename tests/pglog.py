@@ -215,6 +215,7 @@ class Scenario:
 
 
 HELD_SECONDS = 0.5
+REUSE_GAP_SECONDS = 0.2
 APP_USER = "svc_test"
 APP_DATABASE = "org_test1"
 MISSING_DATABASE = "org_missing"
@@ -234,7 +235,8 @@ def run_sessions(server: PostgresServer) -> Scenario:
     * "killer", the session that called pg_terminate_backend,
     * a connection attempt to a missing database, which logs a FATAL but no
       disconnection and so is no session,
-    * "last", a plain session on the postgres database.
+    * "last", a plain session on the postgres database, opened
+      REUSE_GAP_SECONDS after the failed attempt.
     """
     started_at = datetime.now(timezone.utc)
     sessions = []
@@ -288,6 +290,10 @@ def run_sessions(server: PostgresServer) -> Scenario:
     else:
         raise AssertionError(f"connecting to {MISSING_DATABASE!r} did not fail")
 
+    # Linux reuses a pid only after wrapping around pid_max, so a process with
+    # a reused pid starts long after the previous owner exited. The reader
+    # relies on that gap when log_connections is off.
+    time.sleep(REUSE_GAP_SECONDS)
     with server.connect() as last:
         last.execute("select 1")
         sessions.append(ExpectedSession(

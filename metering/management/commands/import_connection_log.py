@@ -76,7 +76,10 @@ class Command(BaseCommand):
                     f"  {org:<{width}}  {summary.sessions_by_org[org]:>8}  "
                     f"{milli_to_decimal(summary.compute_milli_by_org[org]):>16}"
                 )
-        self.stdout.write(f"Sent {summary.published_rows} sessions to the worker; they ship with the next drain.")
+        self.stdout.write(
+            f"Sent {summary.published_rows} sessions to the worker in {summary.published_messages} messages; "
+            "they ship with the next drain."
+        )
         if wait is not None and summary.metered:
             self._wait_and_report(summary, wait)
 
