@@ -121,6 +121,8 @@ METERING_EVENT_NAME = env_str("METERING_EVENT_NAME", "managed warehouse compute 
 METERING_OUTBOX_DIR = Path(env_str("METERING_OUTBOX_DIR", str(DATA_DIR / "outbox")))
 DRAIN_BATCH_SIZE = env_int("DRAIN_BATCH_SIZE", 500, minimum=1)
 DRAIN_INTERVAL_SECONDS = env_int("DRAIN_INTERVAL_SECONDS", 60, minimum=1)
+# Deployments that share one Redis need different lock names.
+DRAIN_LOCK_NAME = env_str("DRAIN_LOCK_NAME", "billing-drain")
 DRAIN_LOCK_TIMEOUT_SECONDS = env_int("DRAIN_LOCK_TIMEOUT_SECONDS", 120, minimum=5)
 DRAIN_MAX_BACKOFF_SECONDS = env_int("DRAIN_MAX_BACKOFF_SECONDS", 3600, minimum=1)
 
