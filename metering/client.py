@@ -331,7 +331,12 @@ class MeteringClient:
         return counts
 
     def close(self, timeout=None):
-        """Stop the flusher and publish what is pending, for at most ``timeout`` seconds. Never raises."""
+        """Stop the flusher and publish what is pending, for at most ``timeout`` seconds. Never raises.
+
+        The final flush runs in a daemon thread that is abandoned at the
+        deadline: one publish to a frozen broker can take several socket
+        timeouts, and interpreter exit must not wait for it.
+        """
         try:
             timeout = self.exit_flush_seconds if timeout is None else timeout
             deadline = time.monotonic() + timeout
@@ -340,17 +345,20 @@ class MeteringClient:
             thread = self._thread
             if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-            if self._incoming or self._aggregate or self._keyed_rows or self._unsent:
-                if not self._flush_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    logger.error("metering exit flush timed out waiting for the flusher")
-                    return
-                self._flush_lock.release()
-                if not self.flush(deadline=deadline):
-                    logger.error(
-                        "metering exit flush could not publish %s pending rows within %.1f s; they are lost",
-                        self._pending_keys(),
-                        timeout,
-                    )
+            if not (self._incoming or self._aggregate or self._keyed_rows or self._unsent):
+                return
+            outcome = []
+            final = threading.Thread(
+                target=lambda: outcome.append(self.flush(deadline=deadline)), name="metering-exit-flush", daemon=True
+            )
+            final.start()
+            final.join(max(0.0, deadline - time.monotonic()))
+            if not outcome or not outcome[0]:
+                logger.error(
+                    "metering exit flush could not publish %s pending rows within %.1f s; they are lost",
+                    self._pending_keys() + len(self._incoming),
+                    timeout,
+                )
         except Exception:  # noqa: BLE001 - exit handlers must not raise
             logger.exception("metering exit flush failed")
 

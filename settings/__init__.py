@@ -155,6 +155,11 @@ else:
     }
 CELERY_BROKER_CONNECTION_TIMEOUT = float(METERING_PUBLISH_TIMEOUT_SECONDS)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker keeps reconnecting through a broker outage of any length instead of
+# exiting after 100 attempts; its tasks are idempotent, so a task cut off by
+# the lost connection can be cancelled and redelivered safely.
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "metering")
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
