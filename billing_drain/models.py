@@ -1,4 +1,4 @@
-"""What the drain has delivered, and the database lock used where Redis is not configured."""
+"""The delivered-event ledger, and the database lock used where Redis is not configured."""
 
 from django.db import models
 

@@ -2,7 +2,7 @@
 
 Both report the outcome of each request. The PostHog SDK's queued client
 (and its ``sync_mode``) drops events silently when a request fails, so the
-drain calls ``posthog.request.batch_post``, which raises on any answer but 200.
+drain calls ``posthog.request.batch_post``, which raises on any status but 200.
 """
 
 import json
@@ -27,11 +27,11 @@ class DeliveryFailed(Exception):
 
 
 class BatchTooLarge(Exception):
-    """The endpoint answered 413: send fewer events per request."""
+    """The endpoint returned 413: send fewer events per request."""
 
 
 class BatchRejected(Exception):
-    """The endpoint answered 400: at least one event in the batch is invalid."""
+    """The endpoint returned 400: at least one event in the batch is invalid."""
 
 
 class PostHogTransport:

@@ -28,7 +28,7 @@ wait_for() {
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.25
     done
-    echo "$what did not answer within ${seconds} s" >&2
+    echo "$what did not respond within ${seconds} s" >&2
     return 1
 }
 

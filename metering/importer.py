@@ -25,7 +25,7 @@ FLUSH_EVERY_SESSIONS = 5000
 
 
 class ImportFailed(Exception):
-    """The import cannot start or finish; the message says what to fix."""
+    """The import cannot start or finish; the message names what to fix."""
 
 
 @dataclass
