@@ -297,3 +297,32 @@ def test_drain_command_says_lock_held(posthog_settings, redis_client):
 
     assert error.value.returncode == 3
     assert "Another drain is running" in str(error.value)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_drains_at_once_one_skips(posthog_settings, capture_server, redis_client):
+    fill(orgs=10)
+    capture_server.stall_next(1, 1.0)
+    outcomes = []
+    start = threading.Barrier(2)
+
+    def run():
+        start.wait()
+        try:
+            outcomes.append(services.drain_with_lock(now=CLOSED).delivered_events)
+        except services.DrainLockHeld as held:
+            outcomes.append(held)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    delivered = [outcome for outcome in outcomes if isinstance(outcome, int)]
+    skipped = [outcome for outcome in outcomes if isinstance(outcome, services.DrainLockHeld)]
+    assert delivered == [10]
+    assert len(skipped) == 1
+    assert len(capture_server.events()) == 10

@@ -13,7 +13,7 @@ from billing_drain import services
 from billing_drain.models import DeliveredEvent
 from metering.client import MeteringClient
 from metering.models import UsageBucket
-from tests.processes import wait_until
+from tests.processes import CeleryProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +87,29 @@ def test_thousand_connection_ends_bill_exactly(client, start_worker, posthog_set
     assert UsageBucket.objects.count() == 0
     assert DeliveredEvent.objects.count() == len(expected)
     assert client.stats().get("invalid", 0) == 0
+
+
+def test_beat_drains_on_schedule(worker_env, start_worker, tmp_path, capture_server, redis_client, settings):
+    from metering import buffer
+    from tests.factories import row
+
+    buffer.apply_batch("b1", [row(org_id="acme", compute_milli=80_000), row(org_id="globex", compute_milli=320_000)])
+    drain_env = {
+        "POSTHOG_API_KEY": "phc_test_key",
+        "POSTHOG_HOST": capture_server.url,
+        "DRAIN_INTERVAL_SECONDS": "1",
+        "DRAIN_LOCK_NAME": settings.DRAIN_LOCK_NAME,
+    }
+    start_worker(extra_env=drain_env)
+    beat = CeleryProcess("beat", {**worker_env, **drain_env}, tmp_path / "beat.log").start()
+    try:
+        wait_until(lambda: len(capture_server.events()) == 2, 30, message="beat's drain to deliver 2 events")
+    finally:
+        beat.stop()
+
+    assert {event["distinct_id"]: event["properties"]["compute_milli"] for event in capture_server.events()} == {
+        "acme": 80_000,
+        "globex": 320_000,
+    }
+    assert UsageBucket.objects.count() == 0
+    assert DeliveredEvent.objects.count() == 2
