@@ -15,7 +15,8 @@ Failure handling:
 - Memory is bounded: past ``max_pending_keys`` aggregate rows (or
   ``max_pending_connections`` unfolded connections) new connections are
   dropped, counted and logged.
-- At interpreter exit the client flushes for at most ``exit_flush_seconds``.
+- At interpreter exit the client flushes for at most ``exit_flush_seconds``,
+  retrying publishes that fail.
   A process killed with SIGKILL loses what it had not published yet.
 - After ``os.fork()`` the child starts with an empty client of its own; the
   parent keeps and publishes what it had recorded.
@@ -26,6 +27,7 @@ import collections
 import contextlib
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -40,6 +42,11 @@ _REASON_INDEX = {reason: index for index, reason in enumerate(units.END_REASONS)
 # Aggregate row layout: compute, cpu, memory (thousandths), connections, then one count per end reason.
 _COUNTERS = 4
 _LOG_EVERY_SECONDS = 60.0
+# A frozen aggregate row: bucket start, then the counters, as signed 64-bit integers.
+_PACKED_ROW = struct.Struct(f"<q{_COUNTERS + len(units.END_REASONS)}q")
+# Pauses between publish attempts of the exit flush, doubling from the first to the maximum.
+_EXIT_RETRY_FIRST_DELAY_SECONDS = 0.1
+_EXIT_RETRY_MAX_DELAY_SECONDS = 1.0
 
 
 class _RateLimitedLog:
@@ -200,7 +207,8 @@ class MeteringClient:
             while self._unsent:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
-                batch_id, rows = self._unsent[0]
+                batch_id, frozen_rows = self._unsent[0]
+                rows = self._message_rows(frozen_rows)
                 started = time.monotonic()
                 try:
                     self._publish(batch_id, rows, self.publish_timeout_seconds)
@@ -234,7 +242,10 @@ class MeteringClient:
                 self._fold_one(*item)
             except units.InvalidUsage as error:
                 self._counts["invalid"] += 1
-                self._log.warning("invalid", "metering ignored a connection end for org %r: %s", item[0], error)
+                # Rate-limit per kind of problem ("invalid cores", "invalid ended_at"), so a
+                # flood of one mistake does not hide a different one.
+                kind = " ".join(str(error).split()[:2])
+                self._log.warning(kind, "metering ignored a connection end for org %r: %s", item[0], error)
 
     def _fold_one(self, org_id, cores, memory, started_at, ended_at, duration_seconds, end_reason, connection_id):
         org_id = validate_org_id(org_id)
@@ -310,16 +321,41 @@ class MeteringClient:
         return "other"
 
     def _freeze_aggregate(self):
-        """Move aggregate rows into fixed batches, each with its own batch id."""
+        """Move aggregate rows into fixed batches, each with its own batch id.
+
+        Aggregate rows wait in packed form (``_pack_row``) and become message
+        rows only when a batch is published, because during a broker outage
+        every pending key waits here: a message row dict takes about 650 bytes
+        per key, the packed form about 280 (BENCHMARKS.md, memory).
+        """
         rows = list(self._keyed_rows)
         self._keyed_rows = []
         for (org_id, bucket_start), counters in self._aggregate.items():
-            rows.append(_aggregate_row(org_id, bucket_start, self.bucket_seconds, counters))
+            rows.append(self._pack_row(org_id, bucket_start, counters))
         self._aggregate = {}
         for start in range(0, len(rows), self.rows_per_message):
             chunk = rows[start : start + self.rows_per_message]
             self._unsent.append((str(uuid.uuid4()), chunk))
             self._unsent_rows += len(chunk)
+
+    def _pack_row(self, org_id, bucket_start, counters):
+        try:
+            return (org_id, _PACKED_ROW.pack(bucket_start, *counters))
+        except struct.error:
+            # A value beyond 64 bits keeps the message row itself.
+            return _aggregate_row(org_id, bucket_start, self.bucket_seconds, counters)
+
+    def _message_rows(self, frozen_rows):
+        """Return a frozen batch as the rows of its message: the same rows every time it is published."""
+        rows = []
+        for row in frozen_rows:
+            if isinstance(row, dict):
+                rows.append(row)
+                continue
+            org_id, packed = row
+            bucket_start, *counters = _PACKED_ROW.unpack(packed)
+            rows.append(_aggregate_row(org_id, bucket_start, self.bucket_seconds, counters))
+        return rows
 
     # Lifecycle.
 
@@ -333,9 +369,11 @@ class MeteringClient:
     def close(self, timeout=None):
         """Stop the flusher and publish what is pending, for at most ``timeout`` seconds. Never raises.
 
-        The final flush runs in a daemon thread that is abandoned at the
-        deadline: one publish to a frozen broker can take several socket
-        timeouts, and interpreter exit must not wait for it.
+        Failed publishes are retried until the deadline, so a broker that is
+        restarting while the process stops still gets the pending rows. The
+        final flush runs in a daemon thread that is abandoned at the deadline:
+        one publish to a frozen broker can take several socket timeouts, and
+        interpreter exit must not wait for it.
         """
         try:
             timeout = self.exit_flush_seconds if timeout is None else timeout
@@ -349,7 +387,7 @@ class MeteringClient:
                 return
             outcome = []
             final = threading.Thread(
-                target=lambda: outcome.append(self.flush(deadline=deadline)), name="metering-exit-flush", daemon=True
+                target=lambda: outcome.append(self._flush_until(deadline)), name="metering-exit-flush", daemon=True
             )
             final.start()
             final.join(max(0.0, deadline - time.monotonic()))
@@ -361,6 +399,17 @@ class MeteringClient:
                 )
         except Exception:  # noqa: BLE001 - exit handlers must not raise
             logger.exception("metering exit flush failed")
+
+    def _flush_until(self, deadline):
+        """Flush, retrying after a failed publish, until nothing is pending or the deadline passed."""
+        delay = _EXIT_RETRY_FIRST_DELAY_SECONDS
+        while not self.flush(deadline=deadline):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _EXIT_RETRY_MAX_DELAY_SECONDS)
+        return True
 
 
 def _aggregate_row(org_id, bucket_start, bucket_seconds, counters):

@@ -37,6 +37,7 @@ class ImportSummary:
     unparseable_lines: int = 0
     published_rows: int = 0
     published_messages: int = 0
+    unmatched_names: collections.Counter = field(default_factory=collections.Counter)
     first_bucket: int | None = None
     last_bucket: int | None = None
     connection_ids: list | None = None
@@ -57,6 +58,8 @@ def load_worker_sizes(path):
                 org = (row["org"] or "").strip()
                 if not org:
                     raise ImportFailed(f"{path}:{line_number}: empty org")
+                if org in sizes:
+                    raise ImportFailed(f"{path}:{line_number}: org {org!r} is listed twice; keep one size per org")
                 try:
                     units.parse_worker_size(row["cores"] or "", row["memory"] or "")
                 except units.InvalidUsage as error:
@@ -117,6 +120,8 @@ def import_logs(
             match = pattern.search(name or "")
             if match is None or not match.group(1):
                 summary.skipped["no org match"] += 1
+                if len(summary.unmatched_names) < 1000:
+                    summary.unmatched_names[name] += 1
                 continue
             org = match.group(1)
             if org not in sizes:

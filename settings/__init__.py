@@ -116,6 +116,10 @@ METERING_DEDUP_RETENTION = timedelta(days=env_int("METERING_DEDUP_RETENTION_DAYS
 # Delivery to PostHog.
 POSTHOG_API_KEY = env_str("POSTHOG_API_KEY")
 POSTHOG_HOST = env_str("POSTHOG_HOST", "https://us.i.posthog.com")
+if not POSTHOG_HOST.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        f"POSTHOG_HOST={POSTHOG_HOST!r} is not a URL; set it to your PostHog host such as https://us.i.posthog.com"
+    )
 POSTHOG_TIMEOUT_SECONDS = env_int("POSTHOG_TIMEOUT_SECONDS", 15, minimum=1)
 METERING_EVENT_NAME = env_str("METERING_EVENT_NAME", "managed warehouse compute usage")
 METERING_OUTBOX_DIR = Path(env_str("METERING_OUTBOX_DIR", str(DATA_DIR / "outbox")))
@@ -140,6 +144,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
         "processed_folder": str(CELERY_BROKER_DIR / "processed"),
         "store_processed": False,
+        # kombu polls the folder once a second by default, which caps a
+        # prefork worker at about one message a second.
+        "polling_interval": 0.1,
     }
 else:
     # kombu's Redis transport waits forever on a dead or frozen server unless

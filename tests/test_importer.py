@@ -78,3 +78,30 @@ def test_example_log_bills_expected_totals(settings, worker_env, start_worker, p
 def test_importer_rejects_bad_arguments(arguments, message):
     with pytest.raises(CommandError, match=message.replace("(", r"\(")):
         call_command("import_connection_log", *arguments)
+
+
+@pytest.mark.django_db
+def test_importer_fails_when_no_org_matches():
+    with pytest.raises(CommandError) as error:
+        call_command("import_connection_log", str(LOG), "--sizes", str(SIZES), "--org-pattern", "^customer_(.+)$")
+
+    assert "no session matched --org-pattern '^customer_(.+)$' on the database name" in str(error.value)
+    assert "'org_acme'" in str(error.value)
+
+
+@pytest.mark.django_db
+def test_importer_rejects_duplicate_org_sizes(tmp_path):
+    sizes = tmp_path / "sizes.csv"
+    sizes.write_text("org,cores,memory\nacme,8,16Gi\nacme,4,8Gi\n")
+
+    with pytest.raises(CommandError, match=r"sizes.csv:3: org 'acme' is listed twice"):
+        call_command("import_connection_log", str(LOG), "--sizes", str(sizes))
+
+
+@pytest.mark.django_db
+def test_importer_rejects_bad_size_row(tmp_path):
+    sizes = tmp_path / "sizes.csv"
+    sizes.write_text("org,cores,memory\nacme,8,16GB\n")
+
+    with pytest.raises(CommandError, match=r"sizes.csv:2: invalid memory '16GB'"):
+        call_command("import_connection_log", str(LOG), "--sizes", str(sizes))

@@ -62,6 +62,12 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         if self._show_progress:
             sys.stderr.write("\n")
+        if not summary.metered and summary.unmatched_names:
+            seen = ", ".join(repr(name) for name, _ in summary.unmatched_names.most_common(5))
+            raise CommandError(
+                f"no session matched --org-pattern {org_pattern!r} on the {org_from} name; names seen: {seen}. "
+                "Check --org-pattern and --org-from."
+            )
 
         self.stdout.write(f"Sessions metered: {summary.metered}")
         skipped = sum(summary.skipped.values())
@@ -78,7 +84,7 @@ class Command(BaseCommand):
                 )
         self.stdout.write(
             f"Sent {summary.published_rows} sessions to the worker in {summary.published_messages} messages; "
-            "they ship with the next drain."
+            "they ship with the next drain. Sessions imported before are skipped by the worker, not billed again."
         )
         if wait is not None and summary.metered:
             self._wait_and_report(summary, wait)
