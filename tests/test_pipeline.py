@@ -113,3 +113,32 @@ def test_beat_drains_on_schedule(worker_env, start_worker, tmp_path, capture_ser
     }
     assert UsageBucket.objects.count() == 0
     assert DeliveredEvent.objects.count() == 2
+
+
+def test_task_by_name_counts_connection_once(worker_env, start_worker):
+    from settings.celery import app
+
+    worker = start_worker()
+    message = {
+        "org_id": "umbrella",
+        "cores": "500m",
+        "memory": "3Gi",
+        "started_at": "2026-12-04T19:29:00.000Z",
+        "ended_at": "2026-12-04T19:30:01.500+00:00",
+        "end_reason": "idle_reap",
+        "connection_id": "go-control-plane:4711",
+    }
+    for _ in range(2):
+        app.send_task("metering.record_connection_end", kwargs=message, queue=worker_env["CELERY_QUEUE"])
+
+    wait_until(
+        lambda: "connection go-control-plane:4711 was applied before" in worker.log_text(),
+        30,
+        message="the second message to be skipped",
+    )
+    bucket = UsageBucket.objects.get(org_id="umbrella")
+
+    assert bucket.compute_milli == 93_000
+    assert bucket.connections == 1
+    assert bucket.ended_idle_reap == 1
+    assert bucket.bucket_start == 1_796_412_600
