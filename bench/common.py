@@ -5,7 +5,9 @@ project's settings read DATABASE_URL and CELERY_BROKER_URL at import time.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import platform
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/metering_bench"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+CAPTURE_API_KEY = "phc_bench_key"
 BENCH_TABLES = (
     "metering_usagebucket",
     "metering_appliedmessage",
@@ -116,6 +119,24 @@ def clear_tables(*extra_tables):
         cursor.execute(f"TRUNCATE {tables}")
 
 
+def wal_position():
+    """Return PostgreSQL's current WAL write position in bytes (pg_current_wal_lsn)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')")
+        return int(cursor.fetchone()[0])
+
+
+def table_bytes(table):
+    """Return a table's size with its indexes and TOAST (pg_total_relation_size) and its row count."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_total_relation_size(%s), (SELECT count(*) FROM {table})", [table])
+        return cursor.fetchone()
+
+
 # Broker helpers.
 
 
@@ -156,6 +177,15 @@ def queue_length(redis_url, queue):
     client = redis_client(redis_url)
     try:
         return client.llen(queue)
+    finally:
+        client.close()
+
+
+def key_memory(redis_url, key):
+    """Return the bytes Redis reports for a key with MEMORY USAGE (all elements sampled)."""
+    client = redis_client(redis_url)
+    try:
+        return client.memory_usage(key, samples=0) or 0
     finally:
         client.close()
 
@@ -229,6 +259,53 @@ class PrivateRedis:
             pass
 
 
+# The capture server.
+
+
+class CaptureProcess:
+    """The capture server (bench.capture) in a process of its own, so it does not share the drain's GIL.
+
+    With ``nagle=True`` the test server keeps Nagle's algorithm on, which adds
+    a delayed-ACK wait of up to 40 ms to each request (see bench/capture.py).
+    """
+
+    def __init__(self, directory, nagle=False):
+        self.directory = directory
+        self.nagle = nagle
+        self.process = None
+        self.url = None
+
+    def __enter__(self):
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "bench.capture", "--port", "0", "--dir", str(self.directory),
+                "--api-key", CAPTURE_API_KEY, "--log-level", "WARNING", *(["--nagle"] if self.nagle else []),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://127.0.0.1:"):
+            self.__exit__()
+            raise RuntimeError(f"the capture server did not start; it printed {self.url!r}")
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def events(self):
+        from tests.capture_server import read_jsonl
+
+        return read_jsonl(self.directory / "events.jsonl")
+
+
 # Celery workers.
 
 
@@ -268,6 +345,18 @@ def rss_bytes(pid):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+@contextlib.contextmanager
+def quiet_logger(name):
+    """Hide a logger's records below CRITICAL inside the block, for failures a benchmark causes on purpose."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # Statistics.
@@ -362,8 +451,17 @@ def machine_summary():
         "python": platform.python_version(),
         "postgresql": _command_output(["psql", "--version"]),
         "redis": _command_output(["redis-server", "--version"]),
-        "commit": _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "commit": _commit_description(),
+        "load_average": " ".join(f"{value:.2f}" for value in os.getloadavg()),
     }
+
+
+def _commit_description():
+    commit = _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    changed = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"{commit} with uncommitted changes" if changed else commit
 
 
 def _command_output(command):
@@ -377,7 +475,8 @@ def print_machine():
     facts = machine_summary()
     print(
         f"machine: nproc={facts['nproc']}, CPU {facts['cpu_model']}, {facts['memory']} RAM, "
-        f"Python {facts['python']}, {facts['postgresql']}, {facts['redis']}, commit {facts['commit']}"
+        f"Python {facts['python']}, {facts['postgresql']}, {facts['redis']}, commit {facts['commit']}, "
+        f"load average {facts['load_average']}"
     )
     sys.stdout.flush()
 

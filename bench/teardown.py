@@ -3,8 +3,8 @@
 Two threads call ``record`` at once, as a control plane's connection handlers
 would, and each call is timed on its own with ``time.perf_counter_ns``. The
 baseline is a bare dict increment under a ``threading.Lock`` on the same org
-keys, timed the same way by the same threads, and is measured again before
-each broker state so that drift on a shared machine affects both sides alike.
+keys, timed the same way by the same threads. It is measured again before
+each broker state, so drift on a shared machine affects both sides alike.
 
 The client's flusher thread runs during the measurement (every
 ``--flush-seconds``) and folds and publishes in the same process, so its work
@@ -27,6 +27,7 @@ from bench import common
 BROKER_STATES = ("up", "frozen", "down")
 MEDIAN_RATIO_TARGET = 3.0
 P99_TARGET_NS = 20_000
+PACING_GROUP = 100
 SIZES = (("8", "16Gi"), ("2", "4Gi"), ("500m", "3Gi"), ("8", "64Gi"))
 
 
@@ -41,15 +42,25 @@ def build_workload(calls, threads, orgs, seed=11):
     return [work[start::threads] for start in range(threads)]
 
 
-def time_calls(function, slices):
-    """Call ``function`` for every item, one thread per slice; return (sorted ns per call, wall seconds)."""
+def time_calls(function, slices, rate=0):
+    """Call ``function`` for every item, one thread per slice; return (sorted ns per call, wall seconds).
+
+    With ``rate`` (calls per second over all threads), each thread sleeps
+    between groups of calls to keep to its share. No sample includes a sleep.
+    """
     barrier = threading.Barrier(len(slices) + 1)
     samples = [array.array("q", bytes(8 * len(part))) for part in slices]
+    seconds_per_call = len(slices) / rate if rate else 0.0
 
     def run(part, out):
         clock = time.perf_counter_ns
         barrier.wait()
+        started_at = time.perf_counter()
         for index, (org, cores, memory, duration) in enumerate(part):
+            if seconds_per_call and index % PACING_GROUP == 0:
+                ahead = started_at + index * seconds_per_call - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
             started = clock()
             function(org, cores, memory, None, None, duration)
             out[index] = clock() - started
@@ -64,6 +75,10 @@ def time_calls(function, slices):
     wall = time.perf_counter() - started
     merged = sorted(value for out in samples for value in out)
     return merged, wall
+
+
+def _rate_text(rate):
+    return f"{rate:,.0f} calls/s" if rate else "full speed"
 
 
 def make_baseline():
@@ -104,14 +119,21 @@ def new_client(publish, flush_seconds):
 
 
 def run(args):
+    # With the broker frozen or down, the client logs each failed publish and the rows close() gives up.
+    # The table counts the failures instead.
+    with common.quiet_logger("metering.client"):
+        return _run(args)
+
+
+def _run(args):
     from metering.client import publish_with_celery
 
     slices = build_workload(args.calls, args.threads, args.orgs)
     print(
         f"\n== teardown: MeteringClient.record, {args.calls:,} calls per measurement from "
-        f"{args.threads} threads, {args.orgs:,} orgs, flusher every {args.flush_seconds} s =="
+        f"{args.threads} threads at {_rate_text(args.rate)}, {args.orgs:,} orgs, flusher every {args.flush_seconds} s =="
     )
-    floor, _ = time_calls(_no_op, slices)
+    floor, _ = time_calls(_no_op, slices, args.rate)
     print(f"timer floor (an empty function timed the same way): median {common.percentile(floor, 0.5)} ns")
 
     redis = common.PrivateRedis(common.data_dir() / "teardown-redis").start()
@@ -131,14 +153,16 @@ def run(args):
                     frozen_client.close(timeout=10)
                 redis.stop()
 
-            baseline_samples, baseline_wall = time_calls(make_baseline(), slices)
+            baseline_samples, baseline_wall = time_calls(make_baseline(), slices, args.rate)
             client = new_client(publish, args.flush_seconds)
-            client_samples, client_wall = time_calls(client.record, slices)
+            client_samples, client_wall = time_calls(client.record, slices, args.rate)
             stats = client.stats()
             if state == "frozen":
                 frozen_client = client
             else:
-                client.close(timeout=10 if state == "up" else 0.5)
+                # With the broker up, everything must be published before the next state starts.
+                client.close(timeout=60 if state == "up" else 0.5)
+                stats = {**stats, "published_rows_after_close": client.stats().get("published_rows", 0)}
 
             baseline = summarise(baseline_samples)
             measured = summarise(client_samples)
@@ -176,7 +200,7 @@ def run(args):
 
     header = (
         "state", "base med", "base p99", "med", "p99", "p99.9", "max", "med ratio",
-        "base calls/s", "calls/s", "folded", "queued", "publish fails", "dropped",
+        "base calls/s", "calls/s", "folded", "queued", "publish fails", "dropped", "rows published",
     )
     table = [header]
     for state, baseline, measured, baseline_wall, client_wall, stats in rows:
@@ -196,10 +220,14 @@ def run(args):
                 f"{stats.get('queued_connections', 0):,}",
                 f"{stats.get('publish_failures', 0):,}",
                 f"{stats.get('dropped', 0):,}",
+                f"{stats.get('published_rows_after_close', 0):,}",
             )
         )
     widths = [max(len(row[column]) for row in table) for column in range(len(header))]
-    print("per call in ns; 'base' is the dict-under-lock baseline; folded/queued/dropped are client stats")
+    print(
+        "per call in ns; 'base' is the dict-under-lock baseline; folded, queued, publish fails and dropped "
+        "are client stats at the end of the calls, rows published is after close()"
+    )
     for row in table:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     sys.stdout.flush()
@@ -210,6 +238,13 @@ def add_arguments(parser):
     parser.add_argument("--calls", type=int, default=200_000, help="calls per measurement, split over the threads")
     parser.add_argument("--threads", type=int, default=2, help="threads calling at once (default 2)")
     parser.add_argument("--orgs", type=int, default=10_000, help="distinct org ids in the workload")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=50_000,
+        help="calls per second over all threads, paced in groups of 100 so that the flusher keeps up "
+        "as in steady operation; 0 calls as fast as possible (default 50000)",
+    )
     parser.add_argument(
         "--flush-seconds",
         type=float,

@@ -9,10 +9,9 @@ deleted.
 from datetime import timedelta
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from settings.env import env_bool, env_decimal, env_int, env_str
+from settings.env import env_bool, env_choice, env_database_url, env_decimal, env_int, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("METERING_DATA_DIR", str(BASE_DIR / "var")))
@@ -65,11 +64,7 @@ WSGI_APPLICATION = "settings.wsgi.application"
 
 # Database: DATABASE_URL, or SQLite on this machine.
 SQLITE_PATH = DATA_DIR / "metering.sqlite3"
-DATABASES = {
-    "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{SQLITE_PATH}"), conn_max_age=60
-    )
-}
+DATABASES = {"default": env_database_url("DATABASE_URL", f"sqlite:///{SQLITE_PATH}", conn_max_age=60)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The worker, beat and management commands write to the same file. WAL lets
     # readers go on during a write, and IMMEDIATE transactions take the write
@@ -178,6 +173,16 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Without this, Celery's Django fixup closes the database connection before and
+# after every task, so each message paid for a new PostgreSQL connection, the
+# largest fixed cost of a message (BENCHMARKS.md, increments). With it, the
+# fixup closes the connection every CELERY_DB_REUSE_MAX tasks. Before each task,
+# settings/celery.py runs Django's close_old_connections, which closes a failed
+# or expired (CONN_MAX_AGE) connection. With CONN_HEALTH_CHECKS the task's first
+# query then checks the connection and replaces one the server dropped, as after
+# a PostgreSQL restart, so the task does not fail on it.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=1)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE = {
     "drain-billing": {
@@ -188,6 +193,7 @@ CELERY_BEAT_SCHEDULE = {
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
+METERING_LOG_LEVEL = env_choice("METERING_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -199,7 +205,7 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "metering": {"level": env_str("METERING_LOG_LEVEL", "INFO")},
-        "billing_drain": {"level": env_str("METERING_LOG_LEVEL", "INFO")},
+        "metering": {"level": METERING_LOG_LEVEL},
+        "billing_drain": {"level": METERING_LOG_LEVEL},
     },
 }

@@ -746,6 +746,9 @@ class _CaptureHTTPServer(ThreadingHTTPServer):
 
 class _CaptureRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The response goes out in two writes (headers, body). With Nagle's
+    # algorithm on, the second waits for the client's delayed ACK, about 40 ms.
+    disable_nagle_algorithm = True
     server: _CaptureHTTPServer
 
     def setup(self) -> None:

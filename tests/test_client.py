@@ -206,3 +206,19 @@ def test_child_after_fork_sends_only_its_own(tmp_path):
     assert sorted(line["org"] for line in lines) == ["child-org", "parent-org"]
     assert {line["org"]: line["pid"] for line in lines}["parent-org"] == os.getpid()
     assert {line["org"]: line["pid"] for line in lines}["child-org"] == child
+
+
+def test_folding_goes_on_while_publish_backs_off():
+    publisher = RecordingPublisher()
+    publisher.failures = 1000
+    client = new_client(publisher, flush_seconds=0.05, max_pending_connections=50)
+
+    for round_number in range(6):
+        for _ in range(40):
+            client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+        time.sleep(0.3)
+    client.close(timeout=0.1)
+
+    assert client.stats().get("dropped", 0) == 0
+    assert client.stats()["recorded"] == 240
+    assert client.stats()["publish_failures"] < 20
