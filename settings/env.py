@@ -6,6 +6,7 @@ producing wrong bills later.
 """
 
 import os
+import re
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ImproperlyConfigured
@@ -45,6 +46,33 @@ def env_decimal(name, default, minimum_exclusive=None):
     if minimum_exclusive is not None and value <= minimum_exclusive:
         raise ImproperlyConfigured(f"{name}={raw!r} must be greater than {minimum_exclusive}")
     return value
+
+
+def env_choice(name, default, choices):
+    """Read one of ``choices``, compared without case, and return it as written in ``choices``."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    for choice in choices:
+        if raw.strip().lower() == choice.lower():
+            return choice
+    raise ImproperlyConfigured(f"{name}={raw!r} is invalid; use one of {', '.join(choices)}")
+
+
+def env_database_url(name, default, **options):
+    """Parse a database URL with dj-database-url. The error shows the URL without its password."""
+    import dj_database_url
+
+    url = env_str(name, default)
+    try:
+        return dj_database_url.parse(url, **options)
+    except ValueError as error:
+        # Up to the last "@" before the path, since a password may itself contain "@".
+        redacted = re.sub(r"(//[^/:@]*):[^/]*@", r"\1:***@", url)
+        raise ImproperlyConfigured(
+            f"{name}={redacted!r} is not a database URL ({error}); set it to a URL such as "
+            "postgres://USER:PASSWORD@HOST:5432/NAME"
+        ) from None
 
 
 def env_bool(name, default):
