@@ -110,7 +110,8 @@ def connection_key(connection_id):
 
 def claim_message_keys(keys):
     """Insert message keys; return the set of keys that were not there before."""
-    keys = list(dict.fromkeys(keys))
+    # Sorted, so transactions that share keys wait for each other instead of deadlocking.
+    keys = sorted(set(keys))
     claimed = set()
     now = timezone.now()
     table = AppliedMessage._meta.db_table
@@ -138,7 +139,9 @@ def upsert_rows(rows):
     which was most of a worker's time per batch. Other databases (SQLite)
     get the VALUES form.
     """
-    merged = _merge_rows(rows)
+    # One lock order for every transaction: two workers that upsert the same rows in different
+    # orders deadlock, and PostgreSQL then aborts one of them.
+    merged = sorted(_merge_rows(rows), key=lambda row: (row["org_id"], row["bucket_start"]))
     if not merged:
         return
     table = UsageBucket._meta.db_table

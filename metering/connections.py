@@ -4,9 +4,12 @@ Shared by the in-process client and the ``metering.record_connection_end``
 task that other languages send by name.
 """
 
+import logging
 from datetime import datetime, timezone
 
 from metering import units
+
+logger = logging.getLogger(__name__)
 
 MAX_ORG_ID_LENGTH = 200
 MAX_CONNECTION_ID_LENGTH = 200
@@ -25,6 +28,17 @@ def new_row(org_id, bucket_start, bucket_seconds, usage, reason):
     }
 
 
+def unstorable_text_problem(text):
+    """Return why PostgreSQL cannot store ``text`` in a text column, or None when it can."""
+    if "\x00" in text:
+        return "it contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it contains a lone surrogate, which UTF-8 cannot encode"
+    return None
+
+
 def validate_org_id(org_id):
     if isinstance(org_id, bytes):
         try:
@@ -41,6 +55,9 @@ def validate_org_id(org_id):
         )
     if "\x00" in org_id or "\ufffd" in org_id:
         raise units.InvalidUsage(f"invalid org id {org_id!r}: it contains a NUL or an undecodable character")
+    problem = unstorable_text_problem(org_id)
+    if problem:
+        raise units.InvalidUsage(f"invalid org id {org_id!r}: {problem}")
     return org_id
 
 
@@ -52,6 +69,9 @@ def validate_connection_id(connection_id):
             f"invalid connection id {connection_id[:40]!r}...: {len(connection_id)} characters, "
             f"the maximum is {MAX_CONNECTION_ID_LENGTH}"
         )
+    problem = unstorable_text_problem(connection_id)
+    if problem:
+        raise units.InvalidUsage(f"invalid connection id {connection_id!r}: {problem}")
     return connection_id
 
 
@@ -95,7 +115,11 @@ def parse_message_time(value, what):
         raise units.InvalidUsage(
             f"invalid {what} {value!r}; expected ISO 8601 with a zone such as 2026-12-04T19:29:38.232Z"
         ) from None
-    units.aware_epoch_seconds(parsed, what)
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise units.InvalidUsage(
+            f"invalid {what} {value!r}: it has no time zone; "
+            "send ISO 8601 with a zone such as 2026-12-04T19:29:38.232Z"
+        )
     return parsed
 
 
@@ -113,17 +137,27 @@ def connection_row(
     memory_per_core_gib,
     max_connection_seconds,
 ):
-    """Validate one connection end and return its buffer row; raises InvalidUsage naming the bad value."""
+    """Validate one connection end and return its buffer row; raises InvalidUsage naming the bad value.
+
+    An unknown end reason does not make the connection unbillable: it is
+    counted as ``other`` and logged, as the in-process client does.
+    """
     org_id = validate_org_id(org_id)
     size = units.parse_worker_size(cores, memory)
     if ended_at is None:
         raise units.InvalidUsage("missing ended_at; pass the connection's end time with a zone")
     ended_epoch, duration = resolve_times(started_at, ended_at, duration_seconds, max_connection_seconds)
+    connection_id = validate_connection_id(connection_id)
     if units.normalise_end_reason(end_reason) is None:
-        raise units.InvalidUsage(
-            f"unknown end reason {end_reason!r}; accepted reasons are {', '.join(units.END_REASONS)}"
+        logger.warning(
+            "metering recorded unknown end reason %r of connection %r for org %r as 'other'; accepted reasons are %s",
+            end_reason,
+            connection_id,
+            org_id,
+            ", ".join(units.END_REASONS),
         )
+        end_reason = "other"
     usage = units.connection_usage(size, duration, memory_per_core_gib)
     row = new_row(org_id, units.bucket_start_for(ended_epoch, bucket_seconds), bucket_seconds, usage, end_reason)
-    row["connection_id"] = validate_connection_id(connection_id)
+    row["connection_id"] = connection_id
     return row

@@ -3,8 +3,9 @@
 import logging
 
 from celery import shared_task
+from celery.exceptions import Reject
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError
 
 from metering import buffer
 from metering.connections import connection_row, parse_message_time
@@ -16,12 +17,22 @@ _RETRY_BACKOFF_MAX_SECONDS = 60
 
 
 @shared_task(name="metering.apply_batch", bind=True, max_retries=None)
-def apply_batch(self, batch_id=None, rows=None):
+def apply_batch(self, batch_id=None, rows=None, **unexpected):
     """Apply a batch from the metering client; a redelivered batch counts once."""
+    if unexpected:
+        logger.error(
+            "rejected malformed batch %r: unknown arguments %s; accepted are batch_id, rows; the message is dropped",
+            batch_id,
+            ", ".join(sorted(unexpected)),
+        )
+        return 0
     try:
         applied = buffer.apply_batch(batch_id, rows)
     except buffer.InvalidMessage as error:
         logger.error("rejected malformed batch %r: %s; the message is dropped", batch_id, error)
+        return 0
+    except DataError as error:
+        _log_unstorable("batch", batch_id, error)
         return 0
     except DatabaseError as error:
         _retry_later(self, error, batch_id)
@@ -77,6 +88,9 @@ def record_connection_end(
     except buffer.InvalidMessage as error:
         logger.error("rejected connection end %r for org %r: %s", connection_id, org_id, error)
         return 0
+    except DataError as error:
+        _log_unstorable("connection end", connection_id, error)
+        return 0
     except DatabaseError as error:
         _retry_later(self, error, connection_id)
     if applied == 0:
@@ -84,7 +98,24 @@ def record_connection_end(
     return applied
 
 
+def _log_unstorable(kind, message_id, error):
+    # PostgreSQL rejected the values themselves (out of range, not storable), so a retry would fail the same way.
+    logger.error(
+        "rejected %s %r: the database cannot store its values: %s; the message is dropped", kind, message_id, error
+    )
+
+
 def _retry_later(task, error, message_id):
     countdown = min(2 ** min(task.request.retries, 6), _RETRY_BACKOFF_MAX_SECONDS)
     logger.warning("database error applying %s: %s; retrying in %s s", message_id, error, countdown)
-    raise task.retry(exc=error, countdown=countdown)
+    try:
+        raise task.retry(exc=error, countdown=countdown)
+    except Reject as rejected:
+        # Celery rejects the message without requeueing it when it cannot publish the retry (the
+        # broker is down or frozen), which would drop the message. Requeue it instead. If the broker
+        # cannot take that either, the message stays unacknowledged and the broker redelivers it
+        # after its visibility timeout.
+        logger.warning(
+            "could not schedule the retry of %s: %s; returning the message to the broker", message_id, rejected.reason
+        )
+        raise Reject(rejected.reason, requeue=True) from error

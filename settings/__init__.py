@@ -170,6 +170,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # Acknowledge only after the buffer transaction committed, and hand the message
 # back if the worker dies, so a crash re-runs the task instead of losing it.
 # The task is idempotent by its message id, so the re-run counts once.
+# NOTE: kombu's Redis transport removes a message from the queue (BRPOP) before
+# it records it as unacknowledged. A worker killed, or a Redis stopped, in the
+# milliseconds between loses that message, and nothing re-sends it (seen with
+# `python -m tests.chaos` under random SIGKILLs and Redis restarts).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

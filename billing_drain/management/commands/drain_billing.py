@@ -21,6 +21,9 @@ class Command(BaseCommand):
     def handle(self, *args, dry_run=False, org=None, batch_size=None, **options):
         if batch_size is not None and batch_size < 1:
             raise CommandError(f"--batch-size {batch_size} is invalid; use a whole number of at least 1")
+        if org is not None and not org.strip():
+            # An empty org id would otherwise mean "every org".
+            raise CommandError(f"--org {org!r} is invalid; give an org id, or leave out --org to drain every org")
         destination = configured_transport().destination
         if dry_run:
             self._print_table("Would ship", pending_by_org(org_id=org), destination)

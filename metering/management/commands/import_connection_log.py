@@ -46,6 +46,8 @@ class Command(BaseCommand):
         if format not in FORMATS:
             raise CommandError(f"invalid --format {format!r}; use one of auto, stderr, csv, json")
         for path in paths:
+            if os.path.isdir(path):
+                raise CommandError(f"log path is a directory: {path}; give the log files themselves")
             if not os.path.isfile(path):
                 raise CommandError(f"log file not found: {path}")
             if not os.access(path, os.R_OK):
