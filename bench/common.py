@@ -485,3 +485,17 @@ def new_parser(prog, description):
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_common_arguments(parser)
     return parser
+
+
+def run_main(argv, prog, description, add_arguments, run):
+    """Parse a benchmark's options, run it, and print its results."""
+    parser = new_parser(prog, description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    prepare(args)
+    print_machine()
+    try:
+        results = run(args)
+    finally:
+        remove_data_dir()
+    print_results(results)

@@ -201,16 +201,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    parser = common.new_parser("python -m bench.drain", "Measure events delivered per second by the drain.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    common.prepare(args)
-    common.print_machine()
-    try:
-        results = run(args)
-    finally:
-        common.remove_data_dir()
-    common.print_results(results)
+    common.run_main(argv, "python -m bench.drain", "Measure events delivered per second by the drain.", add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -351,16 +351,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    parser = common.new_parser("python -m bench.end_to_end", "Run the pipeline end to end and check the bill.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    common.prepare(args)
-    common.print_machine()
-    try:
-        results = run(args)
-    finally:
-        common.remove_data_dir()
-    common.print_results(results)
+    common.run_main(argv, "python -m bench.end_to_end", "Run the pipeline end to end and check the bill.", add_arguments, run)
 
 
 if __name__ == "__main__":

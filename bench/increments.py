@@ -281,16 +281,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    parser = common.new_parser("python -m bench.increments", "Measure buffer rows applied per second.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    common.prepare(args)
-    common.print_machine()
-    try:
-        results = run(args)
-    finally:
-        common.remove_data_dir()
-    common.print_results(results)
+    common.run_main(argv, "python -m bench.increments", "Measure buffer rows applied per second.", add_arguments, run)
 
 
 if __name__ == "__main__":
