@@ -146,6 +146,7 @@ class MeteringClient:
         self._thread_lock = threading.Lock()
         self._closed = False
         self._counts = collections.Counter()
+        self._dropped_logged = 0
 
     # The teardown path.
 
@@ -244,6 +245,17 @@ class MeteringClient:
             return True
 
     def _fold_incoming(self):
+        # The teardown path only counts what it drops at the queue's cap; the log line is written here.
+        dropped = self._counts["dropped"]
+        if dropped > self._dropped_logged:
+            self._log.warning(
+                "dropped_unfolded",
+                "metering dropped %s connection ends: %s were queued unfolded (the maximum, "
+                "METERING_MAX_PENDING_CONNECTIONS)",
+                dropped - self._dropped_logged,
+                self.max_pending_connections,
+            )
+            self._dropped_logged = dropped
         incoming = self._incoming
         while True:
             try:
@@ -297,6 +309,7 @@ class MeteringClient:
 
     def _drop(self, org_id):
         self._counts["dropped"] += 1
+        self._dropped_logged += 1
         self._log.warning(
             "dropped",
             "metering dropped a connection end for org %r: %s rows are pending (the maximum, "

@@ -222,3 +222,17 @@ def test_folding_goes_on_while_publish_backs_off():
     assert client.stats().get("dropped", 0) == 0
     assert client.stats()["recorded"] == 240
     assert client.stats()["publish_failures"] < 20
+
+
+def test_queue_overflow_is_logged(caplog):
+    publisher = RecordingPublisher()
+    client = new_client(publisher, max_pending_connections=3)
+    client._thread = threading.current_thread()  # keep the flusher from starting; the test folds itself
+
+    for _ in range(5):
+        client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.flush()
+
+    assert client.stats()["dropped"] == 2
+    assert "metering dropped 2 connection ends: 3 were queued unfolded" in caplog.text
+    assert publisher.rows()[0]["connections"] == 3
