@@ -25,6 +25,10 @@ def _new_token():
     return f"{socket.gethostname()}:{os.getpid()} since {started} ({uuid.uuid4().hex[:8]})"
 
 
+class DrainLockUnavailable(Exception):
+    """The lock's store cannot be reached, so no drain can start; the message names the store."""
+
+
 class RedisDrainLock:
     """A redis-py Lock with a timeout, extended while a long drain runs."""
 
@@ -38,7 +42,12 @@ class RedisDrainLock:
         self._lock = self._client.lock(self.name, timeout=timeout_seconds, blocking=False)
 
     def acquire(self):
-        return bool(self._lock.acquire(token=_new_token()))
+        import redis
+
+        try:
+            return bool(self._lock.acquire(token=_new_token()))
+        except redis.exceptions.RedisError as error:
+            raise DrainLockUnavailable(f"cannot reach Redis for the drain lock: {error}") from error
 
     def holder(self):
         try:

@@ -23,7 +23,7 @@ from django.db.models import Count, F, Max, Q, Sum
 from django.utils import timezone as django_timezone
 
 from billing_drain.events import build_event, event_uuid
-from billing_drain.lock import drain_lock
+from billing_drain.lock import DrainLockUnavailable, drain_lock
 from billing_drain.models import DeliveredEvent
 from billing_drain.transport import BatchRejected, BatchTooLarge, DeliveryFailed, configured_transport
 from metering.buffer import delete_expired_message_keys

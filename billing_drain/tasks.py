@@ -4,7 +4,7 @@ import logging
 
 from celery import shared_task
 
-from billing_drain.services import DrainLockHeld, drain_with_lock
+from billing_drain.services import DrainLockHeld, DrainLockUnavailable, drain_with_lock
 
 logger = logging.getLogger(__name__)
 
@@ -16,5 +16,8 @@ def drain():
         report = drain_with_lock()
     except DrainLockHeld as held:
         logger.info("drain skipped: %s; the next beat tick tries again", held)
+        return None
+    except DrainLockUnavailable as error:
+        logger.error("drain skipped: %s; the next beat tick tries again", error)
         return None
     return report.delivered_events

@@ -328,3 +328,14 @@ def test_two_drains_at_once_one_skips(posthog_settings, capture_server, redis_cl
     assert delivered == [10]
     assert len(skipped) == 1
     assert len(capture_server.events()) == 10
+
+
+@pytest.mark.django_db
+def test_drain_command_says_redis_unreachable(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"
+
+    with pytest.raises(CommandError) as error:
+        call_command("drain_billing")
+
+    assert "cannot reach Redis for the drain lock" in str(error.value)
+    assert "Check REDIS_URL" in str(error.value)

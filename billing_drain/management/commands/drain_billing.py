@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from billing_drain.services import DrainLockHeld, drain_with_lock, pending_by_org
+from billing_drain.services import DrainLockHeld, DrainLockUnavailable, drain_with_lock, pending_by_org
 from billing_drain.transport import configured_transport
 from metering.units import milli_to_decimal
 
@@ -36,6 +36,8 @@ class Command(BaseCommand):
                 f"Another drain is running ({held.holder}); nothing was done. Try again when it has finished.",
                 returncode=EXIT_LOCK_HELD,
             ) from None
+        except DrainLockUnavailable as error:
+            raise CommandError(f"{error}; nothing was done. Check REDIS_URL and that Redis is running.") from None
         if self._progress_shown:
             self.stdout.write("")
         self._print_table("Delivered", report.delivered, report.destination)
