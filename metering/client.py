@@ -12,11 +12,16 @@ Failure handling:
 - A broker that is down or frozen makes a publish fail within the publish
   timeout. The frozen batch is kept and retried later under the same batch id,
   so a publish whose outcome was unknown cannot count twice.
+- With ``confirmations`` (a Redis broker, see metering.confirmations) a
+  published batch is kept until a worker confirms it, and sent again under the
+  same batch id when no confirmation came within ``confirm_seconds``. This
+  covers a batch the broker lost after taking it.
 - Memory is bounded: past ``max_pending_keys`` aggregate rows (or
   ``max_pending_connections`` unfolded connections) new connections are
-  dropped, counted and logged.
+  dropped, counted and logged. Batches waiting for a confirmation count as
+  pending rows.
 - At interpreter exit the client flushes for at most ``exit_flush_seconds``,
-  retrying publishes that fail.
+  retrying publishes that fail and waiting for confirmations.
   A process killed with SIGKILL loses what it had not published yet.
 - After ``os.fork()`` the child starts with an empty client of its own; the
   parent keeps and publishes what it had recorded.
@@ -34,6 +39,7 @@ import uuid
 from fractions import Fraction
 
 from metering import units
+from metering.confirmations import confirmations_from_settings
 from metering.connections import new_row, resolve_times, validate_connection_id, validate_org_id
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,12 @@ _PACKED_ROW = struct.Struct(f"<q{_COUNTERS + len(units.END_REASONS)}q")
 # Pauses between publish attempts of the exit flush, doubling from the first to the maximum.
 _EXIT_RETRY_FIRST_DELAY_SECONDS = 0.1
 _EXIT_RETRY_MAX_DELAY_SECONDS = 1.0
+# A batch is sent again at most this many times without a confirmation, each
+# time after twice the previous wait, up to the maximum wait.
+_MAX_RESENDS = 5
+_MAX_CONFIRM_WAIT_SECONDS = 600.0
+# How often the exit flush reads confirmations.
+_EXIT_CONFIRM_POLL_SECONDS = 0.1
 
 
 class _RateLimitedLog:
@@ -114,6 +126,8 @@ class MeteringClient:
         publish_timeout_seconds=2.0,
         exit_flush_seconds=5.0,
         publish=publish_with_celery,
+        confirmations=None,
+        confirm_seconds=60.0,
         register_exit_flush=True,
     ):
         self.bucket_seconds = int(bucket_seconds)
@@ -126,6 +140,8 @@ class MeteringClient:
         self.publish_timeout_seconds = float(publish_timeout_seconds)
         self.exit_flush_seconds = float(exit_flush_seconds)
         self._publish = publish
+        self._confirmations = confirmations
+        self.confirm_seconds = float(confirm_seconds)
         self._rates = {}
         self._log = _RateLimitedLog()
         self._reset_state()
@@ -138,8 +154,12 @@ class MeteringClient:
         self._incoming = collections.deque()
         self._aggregate = {}
         self._keyed_rows = []
+        # Frozen batches, each (batch id, rows, times sent before), in publishing order.
         self._unsent = collections.deque()
         self._unsent_rows = 0
+        # Published batches waiting for a confirmation: batch id -> (rows, when to send again, times sent before).
+        self._unconfirmed = {}
+        self._unconfirmed_rows = 0
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -213,14 +233,17 @@ class MeteringClient:
 
         Returns True when nothing is left to publish. Stops at the first
         failed publish (the broker is likely down) and keeps the rest.
+        Batches waiting for a confirmation do not count as left to publish
+        until their wait is over.
         """
         with self._flush_lock:
             self._fold_incoming()
             self._freeze_aggregate()
+            self._collect_confirmations()
             while self._unsent:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
-                batch_id, frozen_rows = self._unsent[0]
+                batch_id, frozen_rows, sent_before = self._unsent[0]
                 rows = self._message_rows(frozen_rows)
                 started = time.monotonic()
                 try:
@@ -242,7 +265,56 @@ class MeteringClient:
                 self._unsent_rows -= len(rows)
                 self._counts["published_messages"] += 1
                 self._counts["published_rows"] += len(rows)
+                if self._confirmations is not None:
+                    wait = min(self.confirm_seconds * 2**sent_before, _MAX_CONFIRM_WAIT_SECONDS)
+                    self._unconfirmed[batch_id] = (frozen_rows, time.monotonic() + wait, sent_before)
+                    self._unconfirmed_rows += len(frozen_rows)
             return True
+
+    def _collect_confirmations(self):
+        """Forget the batches workers confirmed; queue again those whose wait is over."""
+        if not self._unconfirmed:
+            return
+        try:
+            confirmed = self._confirmations.take_confirmed(self._unconfirmed)
+        except Exception as error:  # noqa: BLE001 - Redis is down or frozen; ask again next time
+            self._counts["confirmation_failures"] += 1
+            self._log.warning(
+                "confirmations_failed",
+                "metering could not read which of %s published batches workers confirmed: %s; asking again later",
+                len(self._unconfirmed),
+                error,
+            )
+            return
+        for batch_id in confirmed:
+            entry = self._unconfirmed.pop(batch_id, None)
+            if entry is not None:
+                self._unconfirmed_rows -= len(entry[0])
+                self._counts["confirmed_messages"] += 1
+        now = time.monotonic()
+        overdue = [batch_id for batch_id, (_, send_again_at, _) in self._unconfirmed.items() if send_again_at <= now]
+        for batch_id in overdue:
+            frozen_rows, _, sent_before = self._unconfirmed.pop(batch_id)
+            self._unconfirmed_rows -= len(frozen_rows)
+            if sent_before >= _MAX_RESENDS:
+                self._counts["unconfirmed_given_up"] += 1
+                logger.error(
+                    "metering gave up on batch %s (%s rows): no worker confirmed it after %s sends; "
+                    "check that the workers run this version and reach the broker's Redis",
+                    batch_id,
+                    len(frozen_rows),
+                    sent_before + 1,
+                )
+                continue
+            self._unsent.appendleft((batch_id, frozen_rows, sent_before + 1))
+            self._unsent_rows += len(frozen_rows)
+            self._counts["resent_messages"] += 1
+            self._log.warning(
+                "resend",
+                "metering sends batch %s again: no worker confirmed it within %.0f s",
+                batch_id,
+                min(self.confirm_seconds * 2**sent_before, _MAX_CONFIRM_WAIT_SECONDS),
+            )
 
     def _fold_incoming(self):
         # The teardown path only counts what it drops at the queue's cap; the log line is written here.
@@ -305,6 +377,9 @@ class MeteringClient:
         self._counts["recorded"] += 1
 
     def _pending_keys(self):
+        return len(self._aggregate) + len(self._keyed_rows) + self._unsent_rows + self._unconfirmed_rows
+
+    def _unpublished_rows(self):
         return len(self._aggregate) + len(self._keyed_rows) + self._unsent_rows
 
     def _drop(self, org_id):
@@ -360,7 +435,7 @@ class MeteringClient:
         self._aggregate = {}
         for start in range(0, len(rows), self.rows_per_message):
             chunk = rows[start : start + self.rows_per_message]
-            self._unsent.append((str(uuid.uuid4()), chunk))
+            self._unsent.append((str(uuid.uuid4()), chunk, 0))
             self._unsent_rows += len(chunk)
 
     def _pack_row(self, org_id, bucket_start, counters):
@@ -385,9 +460,14 @@ class MeteringClient:
     # Lifecycle.
 
     def stats(self):
-        """Return counters: recorded, invalid, dropped, published messages and rows, pending rows."""
+        """Return counters: recorded, invalid, dropped, published, confirmed and resent messages, pending rows.
+
+        ``pending_rows`` are rows not published yet; ``unconfirmed_rows`` were
+        published and wait for a worker's confirmation.
+        """
         counts = dict(self._counts)
-        counts["pending_rows"] = self._pending_keys()
+        counts["pending_rows"] = self._unpublished_rows()
+        counts["unconfirmed_rows"] = self._unconfirmed_rows
         counts["queued_connections"] = len(self._incoming)
         return counts
 
@@ -395,10 +475,12 @@ class MeteringClient:
         """Stop the flusher and publish what is pending, for at most ``timeout`` seconds. Never raises.
 
         Failed publishes are retried until the deadline, so a broker that is
-        restarting while the process stops still gets the pending rows. The
-        final flush runs in a daemon thread that is abandoned at the deadline:
-        one publish to a frozen broker can take several socket timeouts, and
-        interpreter exit must not wait for it.
+        restarting while the process stops still gets the pending rows. With
+        confirmations it then waits for them, and sends once more each batch
+        still unconfirmed halfway to the deadline. The final flush runs in a
+        daemon thread that is abandoned at the deadline: one publish to a
+        frozen broker can take several socket timeouts, and interpreter exit
+        must not wait for it.
         """
         try:
             timeout = self.exit_flush_seconds if timeout is None else timeout
@@ -408,7 +490,7 @@ class MeteringClient:
             thread = self._thread
             if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-            if not (self._incoming or self._aggregate or self._keyed_rows or self._unsent):
+            if not (self._incoming or self._aggregate or self._keyed_rows or self._unsent or self._unconfirmed):
                 return
             outcome = []
             final = threading.Thread(
@@ -416,25 +498,52 @@ class MeteringClient:
             )
             final.start()
             final.join(max(0.0, deadline - time.monotonic()))
-            if not outcome or not outcome[0]:
+            if outcome and outcome[0]:
+                return
+            unpublished = self._unpublished_rows() + len(self._incoming)
+            if unpublished:
                 logger.error(
                     "metering exit flush could not publish %s pending rows within %.1f s; they are lost",
-                    self._pending_keys() + len(self._incoming),
+                    unpublished,
+                    timeout,
+                )
+            if self._unconfirmed:
+                logger.warning(
+                    "metering exit flush published %s batches (%s rows) that no worker confirmed within %.1f s; "
+                    "they are lost only if the broker lost them",
+                    len(self._unconfirmed),
+                    self._unconfirmed_rows,
                     timeout,
                 )
         except Exception:  # noqa: BLE001 - exit handlers must not raise
             logger.exception("metering exit flush failed")
 
     def _flush_until(self, deadline):
-        """Flush, retrying after a failed publish, until nothing is pending or the deadline passed."""
+        """Flush, retrying failed publishes and waiting for confirmations, until all is confirmed or the deadline."""
+        send_again_at = time.monotonic() + (deadline - time.monotonic()) / 2
+        hurried = set()
         delay = _EXIT_RETRY_FIRST_DELAY_SECONDS
-        while not self.flush(deadline=deadline):
+        while True:
+            published_all = self.flush(deadline=deadline)
+            self._hurry_confirmations(send_again_at, hurried)
+            if published_all and not self._unconfirmed:
+                return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
+            if published_all:
+                time.sleep(min(_EXIT_CONFIRM_POLL_SECONDS, remaining))
+                continue
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, _EXIT_RETRY_MAX_DELAY_SECONDS)
-        return True
+
+    def _hurry_confirmations(self, send_again_at, hurried):
+        """Bring forward to ``send_again_at`` the resend of each batch not in ``hurried``, once per batch."""
+        with self._flush_lock:
+            for batch_id, (frozen_rows, due, sent_before) in self._unconfirmed.items():
+                if batch_id not in hurried:
+                    hurried.add(batch_id)
+                    self._unconfirmed[batch_id] = (frozen_rows, min(due, send_again_at), sent_before)
 
 
 def _aggregate_row(org_id, bucket_start, bucket_seconds, counters):
@@ -477,6 +586,8 @@ def get_client():
                     rows_per_message=settings.METERING_ROWS_PER_MESSAGE,
                     publish_timeout_seconds=settings.METERING_PUBLISH_TIMEOUT_SECONDS,
                     exit_flush_seconds=settings.METERING_EXIT_FLUSH_SECONDS,
+                    confirmations=confirmations_from_settings(),
+                    confirm_seconds=settings.METERING_CONFIRM_SECONDS,
                 )
     return _default_client
 

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import DatabaseError, DataError
 
 from metering import buffer
+from metering.confirmations import confirm_done
 from metering.connections import connection_row, parse_message_time
 from metering.units import InvalidUsage
 
@@ -18,7 +19,17 @@ _RETRY_BACKOFF_MAX_SECONDS = 60
 
 @shared_task(name="metering.apply_batch", bind=True, max_retries=None)
 def apply_batch(self, batch_id=None, rows=None, **unexpected):
-    """Apply a batch from the metering client; a redelivered batch counts once."""
+    """Apply a batch from the metering client; a redelivered batch counts once.
+
+    Once the batch is applied, skipped as a redelivery or rejected for good,
+    the worker confirms its task id to the sender (metering.confirmations).
+    """
+    applied = _apply_batch(self, batch_id, rows, unexpected)
+    confirm_done(self.request.id)
+    return applied
+
+
+def _apply_batch(task, batch_id, rows, unexpected):
     if unexpected:
         logger.error(
             "rejected malformed batch %r: unknown arguments %s; accepted are batch_id, rows; the message is dropped",
@@ -35,7 +46,7 @@ def apply_batch(self, batch_id=None, rows=None, **unexpected):
         _log_unstorable("batch", batch_id, error)
         return 0
     except DatabaseError as error:
-        _retry_later(self, error, batch_id)
+        _retry_later(task, error, batch_id)
     if applied == 0:
         logger.info("batch %s was applied before; skipped as a redelivery", batch_id)
     return applied
@@ -57,7 +68,26 @@ def record_connection_end(
     """Apply one connection end sent by name, at most once per ``connection_id``.
 
     Sizes are Kubernetes quantity strings, times ISO 8601 strings with a zone.
+    Like ``apply_batch``, it confirms its task id once it is done.
     """
+    kwargs = {
+        "org_id": org_id,
+        "cores": cores,
+        "memory": memory,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "duration_seconds": duration_seconds,
+        "end_reason": end_reason,
+        "connection_id": connection_id,
+    }
+    applied = _record_connection_end(self, unexpected=unexpected, **kwargs)
+    confirm_done(self.request.id)
+    return applied
+
+
+def _record_connection_end(
+    task, org_id, cores, memory, started_at, ended_at, duration_seconds, end_reason, connection_id, unexpected
+):
     if unexpected:
         logger.error(
             "rejected connection end %r: unknown arguments %s; accepted are org_id, cores, memory, "
@@ -92,7 +122,7 @@ def record_connection_end(
         _log_unstorable("connection end", connection_id, error)
         return 0
     except DatabaseError as error:
-        _retry_later(self, error, connection_id)
+        _retry_later(task, error, connection_id)
     if applied == 0:
         logger.info("connection %s was applied before; skipped as a redelivery", connection_id)
     return applied

@@ -104,6 +104,10 @@ METERING_MAX_PENDING_CONNECTIONS = env_int("METERING_MAX_PENDING_CONNECTIONS", 1
 METERING_ROWS_PER_MESSAGE = env_int("METERING_ROWS_PER_MESSAGE", 500, minimum=1)
 METERING_PUBLISH_TIMEOUT_SECONDS = env_decimal("METERING_PUBLISH_TIMEOUT_SECONDS", "2", minimum_exclusive=0)
 METERING_EXIT_FLUSH_SECONDS = env_decimal("METERING_EXIT_FLUSH_SECONDS", "5", minimum_exclusive=0)
+# With a Redis broker the client keeps each published batch until a worker
+# confirms it, and sends it again (same batch id) when no confirmation came
+# within this many seconds, doubling up to ten minutes. 0 turns this off.
+METERING_CONFIRM_SECONDS = env_int("METERING_CONFIRM_SECONDS", 60, minimum=0)
 # Message ids applied to the buffer are kept this long to recognise redeliveries
 # and re-imports. It must stay longer than the broker's visibility timeout.
 METERING_DEDUP_RETENTION = timedelta(days=env_int("METERING_DEDUP_RETENTION_DAYS", 35, minimum=1))
@@ -170,10 +174,11 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # Acknowledge only after the buffer transaction committed, and hand the message
 # back if the worker dies, so a crash re-runs the task instead of losing it.
 # The task is idempotent by its message id, so the re-run counts once.
-# NOTE: kombu's Redis transport removes a message from the queue (BRPOP) before
-# it records it as unacknowledged. A worker killed, or a Redis stopped, in the
-# milliseconds between loses that message, and nothing re-sends it (seen with
-# `python -m tests.chaos` under random SIGKILLs and Redis restarts).
+# kombu's Redis transport removes a message from the queue (BRPOP) before it
+# records it as unacknowledged, so a worker killed, or a Redis stopped, in the
+# milliseconds between loses that message, whatever the acknowledgement settings. The
+# client covers that window: it re-sends batches no worker confirmed
+# (METERING_CONFIRM_SECONDS, metering/confirmations.py).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -64,6 +65,10 @@ GRACE_SECONDS = 2
 DRAIN_LOCK_TIMEOUT_SECONDS = 5
 VISIBILITY_TIMEOUT_SECONDS = 5
 QUEUE = "chaos"
+# Clients and the task-by-name sender send a message again when no worker confirmed it within this time.
+CONFIRM_SECONDS = 5
+TASK_CONFIRM_SECONDS = CONFIRM_SECONDS
+TASK_CONFIRM_POLL_SECONDS = 0.5
 API_KEY = "phc_chaos"
 ORGS = tuple(f"org-{index:02d}" for index in range(12))
 END_REASONS = ("client_disconnect", "idle_reap", "user_error", "fatal_error", "shutdown", "other")
@@ -144,6 +149,9 @@ class Chaos:
         self.drains = []
         self.drain_count = 0
         self.sender_queue = queue.Queue()
+        # Messages sent by name that no worker confirmed yet: task id -> (name, kwargs, when to send again).
+        self.unconfirmed_tasks = {}
+        self.tasks_sent_again = 0
         self.rounds_played = 0
         self.pg = self.redis = self.capture = self.beat = None
         self.workers = []
@@ -203,6 +211,7 @@ class Chaos:
             "METERING_MEMORY_PER_CORE_GIB": "2",
             "METERING_FLUSH_SECONDS": "0.3",
             "METERING_PUBLISH_TIMEOUT_SECONDS": "1",
+            "METERING_CONFIRM_SECONDS": str(CONFIRM_SECONDS),
             "METERING_LOG_LEVEL": "INFO",
             "POSTHOG_API_KEY": API_KEY,
             "POSTHOG_HOST": self.capture.url,
@@ -367,18 +376,51 @@ class Chaos:
                 self.sender_queue.put(("metering.record_connection_end", kwargs))
 
     def _send_tasks(self):
-        """Send queued messages by name, retrying each until the broker takes it."""
+        """Send queued messages by name as a careful sender in another language would.
+
+        It retries each message until the broker takes it, then sends it again
+        under the same task id until a worker confirms it (metering.confirmations).
+        The drain task is sent once and may be dropped, as beat's is.
+        """
+        from metering.confirmations import RedisConfirmations
+
+        confirmations = RedisConfirmations(self.redis.url, 1.0)
         while True:
-            name, kwargs = self.sender_queue.get()
-            while True:
-                try:
-                    self.app.send_task(name, kwargs=kwargs, queue=QUEUE, retry=False)
-                    break
-                except Exception:  # noqa: BLE001 - the broker may be down or frozen on purpose
-                    if name == "billing_drain.drain":
-                        break
-                    time.sleep(0.3)
+            try:
+                name, kwargs = self.sender_queue.get(timeout=TASK_CONFIRM_POLL_SECONDS)
+            except queue.Empty:
+                self._collect_task_confirmations(confirmations)
+                continue
+            task_id = str(uuid.uuid4())
+            if self._send_by_name(name, kwargs, task_id) and name != "billing_drain.drain":
+                self.unconfirmed_tasks[task_id] = (name, kwargs, time.monotonic() + TASK_CONFIRM_SECONDS)
             self.sender_queue.task_done()
+
+    def _send_by_name(self, name, kwargs, task_id):
+        """Send one message, retrying until the broker takes it; the drain task is tried once."""
+        while True:
+            try:
+                self.app.send_task(name, kwargs=kwargs, task_id=task_id, queue=QUEUE, retry=False)
+                return True
+            except Exception:  # noqa: BLE001 - the broker may be down or frozen on purpose
+                if name == "billing_drain.drain":
+                    return False
+                time.sleep(0.3)
+
+    def _collect_task_confirmations(self, confirmations):
+        if not self.unconfirmed_tasks:
+            return
+        try:
+            confirmed = confirmations.take_confirmed(list(self.unconfirmed_tasks))
+        except Exception:  # noqa: BLE001 - Redis may be down or frozen on purpose; ask again later
+            return
+        for task_id in confirmed:
+            self.unconfirmed_tasks.pop(task_id, None)
+        now = time.monotonic()
+        for task_id, (name, kwargs, send_again_at) in list(self.unconfirmed_tasks.items()):
+            if send_again_at <= now and self._send_by_name(name, kwargs, task_id):
+                self.tasks_sent_again += 1
+                self.unconfirmed_tasks[task_id] = (name, kwargs, time.monotonic() + TASK_CONFIRM_SECONDS)
 
     def _request_drain(self):
         """Send the drain task, as beat does. It is dropped when the broker is down."""
@@ -827,8 +869,9 @@ class Chaos:
             unacked = client.hlen("unacked")
         close_old_connections()
         states = dict(UsageBucket.objects.values_list("state").annotate(rows=Count("id")))
-        return {"queued": queued, "unacked": unacked, "open": states.get("open", 0),
-                "sealed": states.get("sealed", 0), "rejected": states.get("rejected", 0)}
+        return {"queued": queued, "unacked": unacked, "unconfirmed_tasks": len(self.unconfirmed_tasks),
+                "open": states.get("open", 0), "sealed": states.get("sealed", 0),
+                "rejected": states.get("rejected", 0)}
 
     def _oldest_unacked_age(self):
         with self.redis.client() as client:
@@ -868,6 +911,7 @@ class Chaos:
         max_seconds = 0.0
         errors = []
         exit_leftovers = []
+        exit_unconfirmed = []
         for instance in self.instances:
             try:
                 stats = json.loads(Path(instance["stats"]).read_text())
@@ -879,7 +923,10 @@ class Chaos:
                 totals[name] += value
             if instance["fate"] == "exited" and stats["exited"] and stats["client"].get("pending_rows"):
                 exit_leftovers.append((instance["process"].name, stats["client"]["pending_rows"]))
-        return {"totals": totals, "max_record_seconds": max_seconds, "errors": errors, "exit_leftovers": exit_leftovers}
+            if instance["fate"] == "exited" and stats["exited"] and stats["client"].get("unconfirmed_rows"):
+                exit_unconfirmed.append((instance["process"].name, stats["client"]["unconfirmed_rows"]))
+        return {"totals": totals, "max_record_seconds": max_seconds, "errors": errors, "exit_leftovers": exit_leftovers,
+                "exit_unconfirmed": exit_unconfirmed}
 
     def _unapplied_batches(self):
         """Return (batch id, rows, publish time) of batches a client published that no worker applied."""
@@ -890,12 +937,13 @@ class Chaos:
         close_old_connections()
         applied = {key[len("batch:"):] for key in AppliedMessage.objects.filter(key__startswith="batch:")
                    .values_list("key", flat=True)}
-        unapplied = []
+        unapplied = {}
         for instance in self.instances:
             for entry in read_jsonl(instance["published"]):
-                if entry["batch"] not in applied:
-                    unapplied.append((entry["batch"], entry["rows"], entry["at"]))
-        return sorted(unapplied, key=lambda item: item[2])
+                # A batch sent again appears once per send; keep the first.
+                if entry["batch"] not in applied and entry["batch"] not in unapplied:
+                    unapplied[entry["batch"]] = (entry["batch"], entry["rows"], entry["at"])
+        return sorted(unapplied.values(), key=lambda item: item[2])
 
     def _ledger_mismatches(self, billed):
         """Return uuids whose DeliveredEvent row differs from what the capture server accepted."""
@@ -984,8 +1032,11 @@ class Verdict:
         for batch_id, rows, published_at in self.unapplied[:10]:
             when = datetime.fromtimestamp(published_at, timezone.utc)
             lines.append(f"  batch {batch_id} with {rows} rows, published at {when:%H:%M:%S.%f}")
+        lines.append(f"messages sent by name again for want of a confirmation: {chaos.tasks_sent_again}")
         if self.clients["exit_leftovers"]:
             lines.append(f"exit flush left rows unpublished: {self.clients['exit_leftovers']}")
+        if self.clients["exit_unconfirmed"]:
+            lines.append(f"exit flush left rows published but unconfirmed: {self.clients['exit_unconfirmed']}")
         for key, expected, billed in self.compute.over_keys[:10]:
             lines.append(f"over-billed {key}: expected {expected}, billed {billed} (thousandths)")
         for key, expected, billed, at_risk in self.compute.lost_keys[:10]:

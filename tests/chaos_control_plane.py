@@ -14,8 +14,9 @@ Before each ``record_connection_end`` call it appends the connection's id and
 end time to the ledger (a JSON-lines file), so the harness knows what was
 recorded even if this process is SIGKILLed. After the call it appends the
 time the call returned. When the client reports that every connection recorded
-so far was published to the broker, it appends ``{"checkpoint": N}`` with the
-number of calls so far, which bounds what a SIGKILL can lose. Each batch the
+so far was published to the broker and confirmed by a worker, it appends
+``{"checkpoint": N}`` with the number of calls so far, which bounds what a
+SIGKILL can lose. Each batch the
 client published without an error goes to ``--published`` with its batch id,
 so the harness can tell a batch lost after publishing from one never sent.
 
@@ -93,7 +94,12 @@ class Recorder:
                     continue
                 stats = client.stats()
                 handled = sum(stats.get(name, 0) for name in ("recorded", "invalid", "dropped", "internal_errors"))
-                published = handled == calls and stats["pending_rows"] == 0 and stats["queued_connections"] == 0
+                published = (
+                    handled == calls
+                    and stats["pending_rows"] == 0
+                    and stats["unconfirmed_rows"] == 0
+                    and stats["queued_connections"] == 0
+                )
                 # Two readings in a row: rows leave the aggregate an instant before they count as unsent.
                 if published and confirmed_at == calls:
                     self.ledger.write(json.dumps({"checkpoint": calls}) + "\n")

@@ -31,6 +31,7 @@ from django.conf import settings
 from django.db.models import Sum
 
 from metering.client import MeteringClient, publish_with_celery
+from metering.confirmations import KEY_PREFIX, RedisConfirmations
 from metering.models import AppliedMessage, UsageBucket
 from tests.processes import CeleryProcess, wait_until
 
@@ -519,3 +520,99 @@ def test_pool_process_killed_counts_once(redis_server, publisher, start_broker_w
     wait_until_drained(redis_server, publisher.queue)
     assert buffer_totals() == ONE_ROW_TOTALS
     assert redelivery_line(batch_id) in worker.log_text()
+
+
+@pytest.fixture
+def confirming_client(redis_server, publisher):
+    """A client that keeps each batch until a worker confirms it, and sends it again after 1 s without one."""
+    client = MeteringClient(
+        bucket_seconds=BUCKET_SECONDS,
+        memory_per_core_gib=MEMORY_PER_CORE_GIB,
+        max_connection_seconds=86400,
+        flush_seconds=3600,
+        publish_timeout_seconds=PUBLISH_TIMEOUT_SECONDS,
+        publish=publisher,
+        confirmations=RedisConfirmations(redis_server.url, PUBLISH_TIMEOUT_SECONDS),
+        confirm_seconds=1,
+        register_exit_flush=False,
+    )
+    yield client
+    client.close(timeout=FLUSH_LIMIT_SECONDS)
+
+
+def flush_until_confirmed(client):
+    """Flush every 0.1 s until every published batch was confirmed."""
+    wait_until(
+        lambda: flush_within(client, FLUSH_LIMIT_SECONDS) and client.stats()["unconfirmed_rows"] == 0,
+        BUFFER_WAIT_SECONDS,
+        message="a worker to confirm every batch",
+    )
+
+
+def test_batch_lost_by_the_broker_is_sent_again(redis_server, confirming_client, publisher, start_broker_worker):
+    connections = make_connections(0, 60)
+    record_all(confirming_client, connections)
+    assert flush_within(confirming_client, FLUSH_LIMIT_SECONDS) is True
+    [batch_id] = publisher.batch_ids
+    assert confirming_client.stats()["unconfirmed_rows"] == len(ORGS)
+
+    # Take the message off the queue the way a worker killed right after its
+    # BRPOP does: the message is gone and was never recorded as unacknowledged.
+    with redis_server.client() as client:
+        removed = client.rpop(publisher.queue)
+        assert client.hlen(UNACKED_KEY) == 0
+    assert json.loads(removed)["headers"]["id"] == batch_id
+
+    worker = start_broker_worker()
+    flush_until_confirmed(confirming_client)
+
+    assert set(publisher.batch_ids) == {batch_id}, "the batch must be sent again under its own id"
+    assert len(publisher.batch_ids) >= 2
+    assert buffer_totals() == expected_totals(connections)
+    assert AppliedMessage.objects.filter(key=f"batch:{batch_id}").count() == 1
+    stats = confirming_client.stats()
+    assert stats["resent_messages"] >= 1
+    assert stats["confirmed_messages"] == 1
+    assert stats["pending_rows"] == 0
+    assert received_count(worker, batch_id) >= 1
+
+
+def test_lost_confirmation_resends_and_counts_once(redis_server, confirming_client, publisher, start_broker_worker):
+    worker = start_broker_worker()
+    connections = make_connections(0, 60)
+    record_all(confirming_client, connections)
+    assert flush_within(confirming_client, FLUSH_LIMIT_SECONDS) is True
+    [batch_id] = publisher.batch_ids
+    confirmation_key = f"{KEY_PREFIX}{batch_id}"
+    with redis_server.client() as client:
+        wait_until(lambda: client.exists(confirmation_key), BUFFER_WAIT_SECONDS,
+                   message=f"the worker to confirm batch {batch_id}")
+        # The confirmation is lost, as when Redis restarts without persistence.
+        client.delete(confirmation_key)
+
+    flush_until_confirmed(confirming_client)
+
+    assert publisher.batch_ids.count(batch_id) >= 2
+    assert redelivery_line(batch_id) in worker.log_text()
+    assert buffer_totals() == expected_totals(connections)
+    assert confirming_client.stats()["confirmed_messages"] == 1
+    with redis_server.client() as client:
+        assert not client.exists(confirmation_key), "the client deletes a confirmation once it read it"
+
+
+def test_worker_confirms_task_sent_by_name(redis_server, publisher, start_broker_worker):
+    start_broker_worker()
+    message = {"org_id": "org-alpha", "cores": "2", "memory": "8Gi", "duration_seconds": "3.5",
+               "ended_at": "2025-06-15T15:06:40Z", "connection_id": f"by-name-{uuid.uuid4()}"}
+    # A message the worker rejects for good is confirmed too: sending it again would change nothing.
+    malformed = {**message, "colour": "blue"}
+    task_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    for task_id, kwargs in zip(task_ids, (message, malformed)):
+        publisher.app.send_task("metering.record_connection_end", kwargs=kwargs, task_id=task_id,
+                                queue=publisher.queue)
+
+    confirmations = RedisConfirmations(redis_server.url, PUBLISH_TIMEOUT_SECONDS)
+    confirmed = set()
+    wait_until(lambda: confirmed.update(confirmations.take_confirmed(task_ids)) or confirmed == set(task_ids),
+               BUFFER_WAIT_SECONDS, message="the worker to confirm both messages")
+    assert buffer_totals() == {"org-alpha": Totals(16_000, 8_000, 32_000, 1)}

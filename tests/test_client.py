@@ -236,3 +236,139 @@ def test_queue_overflow_is_logged(caplog):
     assert client.stats()["dropped"] == 2
     assert "metering dropped 2 connection ends: 3 were queued unfolded" in caplog.text
     assert publisher.rows()[0]["connections"] == 3
+
+
+class FakeConfirmations:
+    """Confirmations a test grants by hand; ``failures`` makes the next reads raise."""
+
+    def __init__(self):
+        self.granted = set()
+        self.failures = 0
+
+    def take_confirmed(self, message_ids):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("redis unreachable")
+        confirmed = self.granted & set(message_ids)
+        self.granted -= confirmed
+        return confirmed
+
+
+def confirming_client(publisher, confirmations, **overrides):
+    return new_client(publisher, confirmations=confirmations, confirm_seconds=60, **overrides)
+
+
+def test_published_batch_is_kept_until_confirmed():
+    publisher = RecordingPublisher()
+    confirmations = FakeConfirmations()
+    client = confirming_client(publisher, confirmations)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+
+    assert client.flush() is True
+    [(batch_id, _)] = publisher.batches
+    assert client.stats()["pending_rows"] == 0
+    assert client.stats()["unconfirmed_rows"] == 1
+
+    confirmations.granted.add(batch_id)
+    assert client.flush() is True
+    assert client.stats()["unconfirmed_rows"] == 0
+    assert client.stats()["confirmed_messages"] == 1
+    assert len(publisher.batches) == 1
+
+
+def test_unconfirmed_batch_is_sent_again_with_growing_waits(monkeypatch, caplog):
+    now = [1000.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: now[0])
+    publisher = RecordingPublisher()
+    client = confirming_client(publisher, FakeConfirmations())
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.flush()
+    batch_id, rows = publisher.batches[0]
+
+    sent_at = []
+    for _ in range(80):
+        now[0] += 30
+        sent_before = len(publisher.batches)
+        client.flush()
+        if len(publisher.batches) > sent_before:
+            sent_at.append(now[0] - 1000)
+
+    assert [sent_batch_id for sent_batch_id, _ in publisher.batches] == [batch_id] * 6
+    assert all(sent_rows == rows for _, sent_rows in publisher.batches)
+    # Waits of 60, 120, 240, 480 and 600 s (the maximum) between the sends.
+    assert sent_at == [60, 180, 420, 900, 1500]
+    assert client.stats()["resent_messages"] == 5
+    assert "metering sends batch" in caplog.text
+    # After the fifth resend and a last wait the client gives up and logs an error.
+    assert client.stats()["unconfirmed_given_up"] == 1
+    assert client.stats()["unconfirmed_rows"] == 0
+    assert f"metering gave up on batch {batch_id} (1 rows): no worker confirmed it after 6 sends" in caplog.text
+
+
+def test_unreadable_confirmations_keep_batches(caplog):
+    publisher = RecordingPublisher()
+    confirmations = FakeConfirmations()
+    client = confirming_client(publisher, confirmations)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.flush()
+    batch_id, _ = publisher.batches[0]
+
+    confirmations.failures = 1
+    confirmations.granted.add(batch_id)
+    client.flush()
+    assert client.stats()["unconfirmed_rows"] == 1
+    assert "could not read which of 1 published batches workers confirmed: redis unreachable" in caplog.text
+
+    client.flush()
+    assert client.stats()["unconfirmed_rows"] == 0
+
+
+def test_unconfirmed_batches_count_against_the_pending_cap(caplog):
+    publisher = RecordingPublisher()
+    client = confirming_client(publisher, FakeConfirmations(), max_pending_keys=2)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.record("globex", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.flush()
+    client.record("initech", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+    client.fold()
+
+    assert client.stats()["dropped"] == 1
+    assert "metering dropped a connection end for org 'initech'" in caplog.text
+
+
+def test_exit_flush_resends_unconfirmed_batch(caplog):
+    publisher = RecordingPublisher()
+    confirmations = FakeConfirmations()
+    client = confirming_client(publisher, confirmations)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+
+    started = time.monotonic()
+    client.close(timeout=1.0)
+    elapsed = time.monotonic() - started
+
+    batch_ids = [batch_id for batch_id, _ in publisher.batches]
+    # Sent, then once more halfway to the deadline.
+    assert len(batch_ids) == 2
+    assert batch_ids[0] == batch_ids[1]
+    assert elapsed < 3.0
+    assert "published 1 batches (1 rows) that no worker confirmed within 1.0 s" in caplog.text
+
+
+def test_exit_flush_returns_once_confirmed(caplog):
+    publisher = RecordingPublisher()
+    confirmations = FakeConfirmations()
+
+    def publish_and_confirm(batch_id, rows, timeout_seconds):
+        publisher(batch_id, rows, timeout_seconds)
+        confirmations.granted.add(batch_id)
+
+    client = confirming_client(publish_and_confirm, confirmations)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+
+    started = time.monotonic()
+    client.close(timeout=5.0)
+
+    assert time.monotonic() - started < 2.0
+    assert len(publisher.batches) == 1
+    assert client.stats()["confirmed_messages"] == 1
+    assert "no worker confirmed" not in caplog.text

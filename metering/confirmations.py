@@ -1,0 +1,91 @@
+"""Confirmations that a worker is done with a message, kept in the broker's Redis.
+
+Why: kombu's Redis transport takes a message off the queue (BRPOP) before it
+records the message as unacknowledged. A worker killed, or a Redis stopped,
+between those two steps loses the message, and ``acks_late`` cannot help
+because the message was never recorded. So the worker confirms each message it
+is done with. The sender keeps what it sent until the confirmation arrives.
+After a timeout it sends the same message again under the same id, and the
+buffer applies it at most once.
+
+The worker writes ``metering:done:<task id>`` after the transaction that
+applied the message has committed, also when the message was a redelivery it
+skipped or input it rejected for good: sending it again would change nothing.
+The metering client sets the task id to the batch id. A sender reads its
+confirmations and deletes them. Unread keys expire after ``TTL_SECONDS``; a
+confirmation that expired unread only costs one more send of the same message.
+"""
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "metering:done:"
+TTL_SECONDS = 3600
+# Ids per MGET or DEL, so that one call to Redis stays small.
+_IDS_PER_CALL = 1000
+
+
+class RedisConfirmations:
+    def __init__(self, url, timeout_seconds):
+        import redis
+
+        self.url = url
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+        )
+
+    def confirm(self, message_id):
+        """Record that a worker is done with ``message_id``. Raises redis errors."""
+        self._client.set(KEY_PREFIX + message_id, b"1", ex=TTL_SECONDS)
+
+    def take_confirmed(self, message_ids):
+        """Return the set of ``message_ids`` that were confirmed, and delete their confirmations.
+
+        Raises redis errors; the caller asks again later.
+        """
+        confirmed = set()
+        message_ids = list(message_ids)
+        for start in range(0, len(message_ids), _IDS_PER_CALL):
+            chunk = message_ids[start : start + _IDS_PER_CALL]
+            keys = [KEY_PREFIX + message_id for message_id in chunk]
+            found = [key for key, value in zip(keys, self._client.mget(keys)) if value is not None]
+            if found:
+                self._client.delete(*found)
+                confirmed.update(key[len(KEY_PREFIX) :] for key in found)
+        return confirmed
+
+
+def confirmations_from_settings():
+    """Return a RedisConfirmations on the broker's Redis, or None when the broker is not Redis.
+
+    Other brokers do not have the window described above, and with
+    METERING_CONFIRM_SECONDS set to 0 confirmations are off.
+    """
+    from django.conf import settings
+
+    url = settings.CELERY_BROKER_URL or ""
+    if not url.startswith(("redis://", "rediss://")) or not settings.METERING_CONFIRM_SECONDS:
+        return None
+    return RedisConfirmations(url, float(settings.METERING_PUBLISH_TIMEOUT_SECONDS))
+
+
+_worker_confirmations = None
+
+
+def confirm_done(message_id):
+    """Confirm from a worker that it is done with ``message_id``. Never raises.
+
+    A confirmation that cannot be written is logged; the sender then sends the
+    message again after its timeout, and the worker skips and confirms it.
+    """
+    global _worker_confirmations
+    if not message_id:
+        return
+    try:
+        if _worker_confirmations is None:
+            _worker_confirmations = confirmations_from_settings() or False
+        if _worker_confirmations:
+            _worker_confirmations.confirm(message_id)
+    except Exception as error:  # noqa: BLE001 - the message is applied; the sender will ask again
+        logger.warning("could not confirm message %s to its sender: %s; it will be sent again", message_id, error)
