@@ -13,9 +13,10 @@ without metering.units.
 Figures:
 - recorded/s, as fast as they can (the default): connection ends divided by
   the time from the producers' start until the last producer's client has
-  folded and published everything (``close()`` returned with nothing
-  pending). It is the rate the clients sustain, not the rate of the
-  ``record`` calls alone, which is printed too.
+  folded and published everything (nothing pending in ``stats()``). It is
+  the rate the clients sustain, not the rate of the ``record`` calls alone,
+  which is printed too. The time until the workers confirmed every batch
+  (``close()`` returned) is printed too.
 - recorded/s with ``--rate`` (paced): the rate the ``record`` calls kept. It
   meets the target only if the clients kept up, that is if they had published
   everything at most two flush intervals after the last call.
@@ -64,6 +65,7 @@ def producer(index, count, orgs, seed, queue, rate, flush_seconds, ready, start,
     """Record this producer's share through its own MeteringClient and report what happened."""
     common.setup_child_process()
     from metering.client import MeteringClient, publish_with_celery
+    from metering.confirmations import confirmations_from_settings
 
     work, expected = build_work(index, count, orgs, seed)
     client = MeteringClient(
@@ -72,6 +74,7 @@ def producer(index, count, orgs, seed, queue, rate, flush_seconds, ready, start,
         max_connection_seconds=31 * 86400,
         flush_seconds=flush_seconds,
         publish=functools.partial(publish_with_celery, queue=queue),
+        confirmations=confirmations_from_settings(),
         register_exit_flush=False,
     )
     ready.set()
@@ -89,14 +92,22 @@ def producer(index, count, orgs, seed, queue, rate, flush_seconds, ready, start,
                     time.sleep(ahead)
         record(org, cores, memory, None, None, duration)
     recorded = time.monotonic()
-    client.close(timeout=300)
+    deadline = recorded + 300
+    while client.stats()["pending_rows"] or client.stats()["queued_connections"]:
+        if time.monotonic() >= deadline:
+            break
+        client.flush(deadline=deadline)
     published = time.monotonic()
+    # Then wait, as the exit flush does, until the workers confirmed every batch.
+    client.close(timeout=300)
+    confirmed = time.monotonic()
     results.put(
         {
             "index": index,
             "started": started,
             "recorded": recorded,
             "published": published,
+            "confirmed": confirmed,
             "stats": client.stats(),
             "max_queued": max_queued,
             "expected": expected,
@@ -276,8 +287,9 @@ def run(args):
             f"  producer {producer_report['index']}: recorded {stats.get('recorded', 0):,}, published "
             f"{stats.get('published_rows', 0):,} rows in {stats.get('published_messages', 0):,} messages, "
             f"publish failures {stats.get('publish_failures', 0)}, dropped {stats.get('dropped', 0)}, "
-            f"max queued {producer_report['max_queued']:,}, "
-            f"{producer_report['published'] - producer_report['started']:.2f} s"
+            f"resent {stats.get('resent_messages', 0)}, max queued {producer_report['max_queued']:,}, "
+            f"published {producer_report['published'] - producer_report['started']:.2f} s and confirmed "
+            f"{producer_report['confirmed'] - producer_report['started']:.2f} s after the start"
         )
     print(
         f"buffer: all {applied:,} connections applied {applied_at - started:.2f} s after the start, "
