@@ -157,7 +157,8 @@ class MeteringClient:
         # Frozen batches, each (batch id, rows, times sent before), in publishing order.
         self._unsent = collections.deque()
         self._unsent_rows = 0
-        # Published batches waiting for a confirmation: batch id -> (rows, when to send again, times sent before).
+        # Published batches waiting for a confirmation:
+        # batch id -> (rows, when published, when to send again, times sent before).
         self._unconfirmed = {}
         self._unconfirmed_rows = 0
         self._flush_lock = threading.Lock()
@@ -266,8 +267,9 @@ class MeteringClient:
                 self._counts["published_messages"] += 1
                 self._counts["published_rows"] += len(rows)
                 if self._confirmations is not None:
+                    now = time.monotonic()
                     wait = min(self.confirm_seconds * 2**sent_before, _MAX_CONFIRM_WAIT_SECONDS)
-                    self._unconfirmed[batch_id] = (frozen_rows, time.monotonic() + wait, sent_before)
+                    self._unconfirmed[batch_id] = (frozen_rows, now, now + wait, sent_before)
                     self._unconfirmed_rows += len(frozen_rows)
             return True
 
@@ -292,9 +294,9 @@ class MeteringClient:
                 self._unconfirmed_rows -= len(entry[0])
                 self._counts["confirmed_messages"] += 1
         now = time.monotonic()
-        overdue = [batch_id for batch_id, (_, send_again_at, _) in self._unconfirmed.items() if send_again_at <= now]
+        overdue = [batch_id for batch_id, entry in self._unconfirmed.items() if entry[2] <= now]
         for batch_id in overdue:
-            frozen_rows, _, sent_before = self._unconfirmed.pop(batch_id)
+            frozen_rows, published_at, _, sent_before = self._unconfirmed.pop(batch_id)
             self._unconfirmed_rows -= len(frozen_rows)
             if sent_before >= _MAX_RESENDS:
                 self._counts["unconfirmed_given_up"] += 1
@@ -311,9 +313,9 @@ class MeteringClient:
             self._counts["resent_messages"] += 1
             self._log.warning(
                 "resend",
-                "metering sends batch %s again: no worker confirmed it within %.0f s",
+                "metering sends batch %s again: no worker confirmed it within %.1f s",
                 batch_id,
-                min(self.confirm_seconds * 2**sent_before, _MAX_CONFIRM_WAIT_SECONDS),
+                now - published_at,
             )
 
     def _fold_incoming(self):
@@ -509,8 +511,8 @@ class MeteringClient:
                 )
             if self._unconfirmed:
                 logger.warning(
-                    "metering exit flush published %s batches (%s rows) that no worker confirmed within %.1f s; "
-                    "they are lost only if the broker lost them",
+                    "metering exit flush: no worker confirmed %s published batches (%s rows) within %.1f s; "
+                    "they stay queued in the broker unless it lost them",
                     len(self._unconfirmed),
                     self._unconfirmed_rows,
                     timeout,
@@ -540,10 +542,10 @@ class MeteringClient:
     def _hurry_confirmations(self, send_again_at, hurried):
         """Bring forward to ``send_again_at`` the resend of each batch not in ``hurried``, once per batch."""
         with self._flush_lock:
-            for batch_id, (frozen_rows, due, sent_before) in self._unconfirmed.items():
+            for batch_id, (frozen_rows, published_at, due, sent_before) in self._unconfirmed.items():
                 if batch_id not in hurried:
                     hurried.add(batch_id)
-                    self._unconfirmed[batch_id] = (frozen_rows, min(due, send_again_at), sent_before)
+                    self._unconfirmed[batch_id] = (frozen_rows, published_at, min(due, send_again_at), sent_before)
 
 
 def _aggregate_row(org_id, bucket_start, bucket_seconds, counters):

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from metering import units
 from metering.client import MeteringClient
+from metering.confirmations import confirmations_from_settings
 from metering.connection_log import LogFormatError, ReadStats, read_sessions
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def new_import_client():
         rows_per_message=settings.METERING_ROWS_PER_MESSAGE,
         publish_timeout_seconds=settings.METERING_PUBLISH_TIMEOUT_SECONDS,
         max_pending_keys=max(settings.METERING_MAX_PENDING_KEYS, FLUSH_EVERY_SESSIONS * 2),
+        confirmations=confirmations_from_settings(),
+        confirm_seconds=settings.METERING_CONFIRM_SECONDS,
+        exit_flush_seconds=settings.METERING_EXIT_FLUSH_SECONDS,
         register_exit_flush=False,
     )
 
@@ -109,6 +113,25 @@ def import_logs(
     """
     pattern = compile_org_pattern(org_pattern)
     client = new_import_client()
+    try:
+        summary = _meter_sessions(client, paths, sizes, org_from, pattern, log_format, progress, keep_ids)
+        _flush(client)
+    except BaseException:
+        # Stop the flusher: a failed import must not go on publishing what it left pending.
+        client.close(timeout=0)
+        raise
+    # Wait, as a process exit does, for the workers to confirm what was sent; a batch the broker lost is sent again.
+    client.close()
+    stats = client.stats()
+    summary.published_rows = stats.get("published_rows", 0)
+    summary.published_messages = stats.get("published_messages", 0)
+    if stats.get("invalid"):
+        raise ImportFailed(f"{stats['invalid']} sessions were rejected by the metering client; see the log above")
+    return summary
+
+
+def _meter_sessions(client, paths, sizes, org_from, pattern, log_format, progress, keep_ids):
+    """Record every session of the logs through ``client``; return the summary so far."""
     summary = ImportSummary(connection_ids=[] if keep_ids else None)
     bucket_seconds = settings.METERING_BUCKET_SECONDS
     memory_per_core = settings.METERING_MEMORY_PER_CORE_GIB
@@ -156,12 +179,6 @@ def import_logs(
                 _flush(client)
                 since_flush = 0
 
-    _flush(client)
-    stats = client.stats()
-    summary.published_rows = stats.get("published_rows", 0)
-    summary.published_messages = stats.get("published_messages", 0)
-    if stats.get("invalid"):
-        raise ImportFailed(f"{stats['invalid']} sessions were rejected by the metering client; see the log above")
     return summary
 
 

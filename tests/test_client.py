@@ -298,7 +298,7 @@ def test_unconfirmed_batch_is_sent_again_with_growing_waits(monkeypatch, caplog)
     # Waits of 60, 120, 240, 480 and 600 s (the maximum) between the sends.
     assert sent_at == [60, 180, 420, 900, 1500]
     assert client.stats()["resent_messages"] == 5
-    assert "metering sends batch" in caplog.text
+    assert f"metering sends batch {batch_id} again: no worker confirmed it within 60.0 s" in caplog.text
     # After the fifth resend and a last wait the client gives up and logs an error.
     assert client.stats()["unconfirmed_given_up"] == 1
     assert client.stats()["unconfirmed_rows"] == 0
@@ -351,7 +351,7 @@ def test_exit_flush_resends_unconfirmed_batch(caplog):
     assert len(batch_ids) == 2
     assert batch_ids[0] == batch_ids[1]
     assert elapsed < 3.0
-    assert "published 1 batches (1 rows) that no worker confirmed within 1.0 s" in caplog.text
+    assert "no worker confirmed 1 published batches (1 rows) within 1.0 s" in caplog.text
 
 
 def test_exit_flush_returns_once_confirmed(caplog):
