@@ -6,6 +6,7 @@ only ever touch open rows, so a sealed row's content is final.
 """
 
 import collections
+import math
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -27,19 +28,74 @@ def seal_closed_buckets(now=None, org_id=None, row_ids=None):
     Rows that an increment holds locked are skipped and sealed by a later drain.
     """
     now = now or django_timezone.now()
-    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
-    seal_chunk = _seal_chunk_postgresql if connection.vendor == "postgresql" else _seal_chunk_orm
     sealed = 0
     while True:
-        with transaction.atomic():
-            chunk_rows = seal_chunk(now, cutoff, org_id, row_ids)
-        if not chunk_rows:
+        sealed_ids = seal_chunk(now, org_id, row_ids)
+        if not sealed_ids:
             return sealed
-        sealed += chunk_rows
+        sealed += len(sealed_ids)
+
+
+def seal_chunk(now, org_id=None, row_ids=None):
+    """Seal up to SEAL_CHUNK_ROWS rows in one transaction, lowest ids first, and return their ids."""
+    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
+    seal = _seal_chunk_postgresql if connection.vendor == "postgresql" else _seal_chunk_orm
+    with transaction.atomic():
+        return seal(now, cutoff, org_id, row_ids)
+
+
+class SealAhead:
+    """Seal closed buckets a few chunks at a time, for a drain that ships while it seals.
+
+    A chunk can contain a row whose id is below the pages already shipped,
+    because an increment held it locked when an earlier chunk was sealed.
+    ``sealed_behind`` is then set, so the drain makes one more pass from the
+    lowest id.
+    """
+
+    def __init__(self, now, org_id=None):
+        self.now = now
+        self.org_id = org_id
+        self.sealed = 0
+        self.finished = False
+        self.sealed_behind = False
+
+    def pending_rows(self):
+        """Return how many open rows of closed buckets are left to seal."""
+        return closed_open_rows(self.now, self.org_id).count()
+
+    def seal(self, rows, after_id=0):
+        """Seal chunks until at least ``rows`` more rows are sealed or none is left, and return how many were sealed."""
+        sealed_now = 0
+        while sealed_now < rows and not self.finished:
+            sealed_ids = seal_chunk(self.now, self.org_id)
+            if not sealed_ids:
+                self.finished = True
+                break
+            sealed_now += len(sealed_ids)
+            if min(sealed_ids) <= after_id:
+                self.sealed_behind = True
+        self.sealed += sealed_now
+        return sealed_now
+
+    def seal_rest(self):
+        """Seal every closed bucket left and return how many rows were sealed."""
+        return self.seal(math.inf)
+
+
+def closed_open_rows(now, org_id=None):
+    """Return the open rows whose bucket ended at least the grace period before ``now``."""
+    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
+    rows = UsageBucket.objects.alias(bucket_end=F("bucket_start") + F("bucket_seconds")).filter(
+        state=UsageBucket.State.OPEN, bucket_end__lte=cutoff
+    )
+    if org_id:
+        rows = rows.filter(org_id=org_id)
+    return rows
 
 
 def _seal_chunk_postgresql(now, cutoff, org_id, row_ids):
-    """Seal up to SEAL_CHUNK_ROWS rows with two statements; return how many were sealed.
+    """Seal up to SEAL_CHUNK_ROWS rows with two statements and return their ids.
 
     The first statement locks the candidates and reads, for each, the highest
     earlier generation in the buffer and in the ledger. Both reads use the
@@ -77,7 +133,7 @@ def _seal_chunk_postgresql(now, cutoff, org_id, row_ids):
         )
         candidates = cursor.fetchall()
         if not candidates:
-            return 0
+            return []
 
         # At most one row per (org, bucket_start) is open, so each candidate
         # takes the next generation of its own (org, bucket_start).
@@ -95,11 +151,11 @@ def _seal_chunk_postgresql(now, cutoff, org_id, row_ids):
             "WHERE bucket.id = sealed.id",
             [str(UsageBucket.State.SEALED), now, ids, generations, uuids],
         )
-    return len(ids)
+    return ids
 
 
 def _seal_chunk_orm(now, cutoff, org_id, row_ids):
-    """Seal up to SEAL_CHUNK_ROWS rows through the ORM, for databases other than PostgreSQL."""
+    """Seal up to SEAL_CHUNK_ROWS rows through the ORM, for databases other than PostgreSQL, and return their ids."""
     candidates = UsageBucket.objects.select_for_update(skip_locked=True).filter(state=UsageBucket.State.OPEN)
     if row_ids is not None:
         candidates = candidates.filter(id__in=row_ids)
@@ -109,10 +165,10 @@ def _seal_chunk_orm(now, cutoff, org_id, row_ids):
         candidates = candidates.filter(org_id=org_id)
     rows = list(candidates.only("id", "org_id", "bucket_start", "state").order_by("id")[:SEAL_CHUNK_ROWS])
     if not rows:
-        return 0
+        return []
     _assign_generations(rows, now)
     UsageBucket.objects.bulk_update(rows, ["state", "generation", "event_uuid", "sealed_at"])
-    return len(rows)
+    return [row.id for row in rows]
 
 
 def _assign_generations(rows, now):

@@ -21,13 +21,13 @@ from datetime import datetime, timedelta, timezone
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone as django_timezone
 
 from billing_drain.events import build_events
 from billing_drain.lock import DrainLockUnavailable, drain_lock
 from billing_drain.models import DeliveredEvent
-from billing_drain.sealing import seal_closed_buckets
+from billing_drain.sealing import SealAhead, closed_open_rows, seal_closed_buckets
 from billing_drain.transport import BatchRejected, BatchTooLarge, DeliveryFailed, configured_transport
 from metering.buffer import delete_expired_message_keys
 from metering.models import REASON_COLUMNS, UsageBucket
@@ -112,16 +112,17 @@ class SealedRow(collections.namedtuple("SealedRow", _SHIPPED_FIELDS)):
 
 
 def ship_sealed(
-    report, transport, now=None, org_id=None, batch_size=None, keep_lock=None, progress=None, row_ids=None
+    report,
+    transport,
+    now=None,
+    org_id=None,
+    batch_size=None,
+    keep_lock=None,
+    progress=None,
+    row_ids=None,
+    sealer=None,
 ):
     """Ship sealed rows that are due, page by page; fills ``report``.
-
-    One page's request is in flight in a sender thread while this thread
-    fetches and builds the next page and moves the previous one to the ledger.
-    The sender thread only calls ``transport.send``, and every database
-    statement runs here, on this thread's connection. A page's rows are
-    deleted only after its own request returned 200, and at most one request
-    is in flight.
 
     Stops at the first failure that is not about one event (network, 5xx,
     429, auth): the rows keep their state with a backoff, and the next drain
@@ -129,22 +130,64 @@ def ship_sealed(
     before the next page is sent. When it returns False the lock was lost, so
     shipping stops early (billing stays correct either way). With
     ``row_ids``, only those rows are shipped, whatever their backoff.
+
+    With a ``sealer`` (a SealAhead), closed buckets are sealed a chunk ahead
+    of the pages, while requests are in flight, and whatever is left is
+    sealed before this returns, whether shipping succeeded or not.
     """
     now = now or _now()
     batch_size = batch_size or settings.DRAIN_BATCH_SIZE
     due = _due_rows(now, org_id, row_ids)
-    total = due.count()
-    done = 0
-    page = _fetch_page(due, 0, batch_size)
+    total = due.count() + (sealer.pending_rows() if sealer is not None else 0)
+    counter = _ProgressCounter(progress, total)
+
+    failed_after_id = _ship_pages(due, 0, batch_size, transport, report, now, keep_lock, counter, sealer)
+    if failed_after_id is None and not report.lock_lost and sealer is not None and sealer.sealed_behind:
+        # A row an increment held locked was sealed after the pages had passed
+        # its id. Nothing is in flight now, so start again from the lowest id.
+        failed_after_id = _ship_pages(due, 0, batch_size, transport, report, now, keep_lock, counter, None)
+
+    if sealer is not None:
+        sealer.seal_rest()
+    if failed_after_id is not None:
+        report.kept_for_retry += due.filter(id__gt=failed_after_id).count()
+
+
+class _ProgressCounter:
+    """Events shipped so far, passed to the caller's progress callback after each page."""
+
+    def __init__(self, progress, total):
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def add(self, events):
+        self.done += events
+        if self.progress:
+            # Rows sealed or made due after the count was taken can push done past it.
+            self.progress(self.done, max(self.total, self.done))
+
+
+def _ship_pages(due, after_id, batch_size, transport, report, now, keep_lock, counter, sealer):
+    """Ship the due rows with an id above ``after_id``. Return the last id of a page that failed, else None.
+
+    One page's request is in flight in a sender thread while this thread
+    seals ahead, fetches and builds the next page and moves the previous one
+    to the ledger. The sender thread only calls ``transport.send``, and every
+    database statement runs here, on this thread's connection. A page's rows
+    are deleted only after its own request returned 200, and at most one
+    request is in flight.
+    """
+    page = _next_page(due, after_id, batch_size, sealer)
     if not page:
-        return
+        return None
     # Leaving the block waits for a request still in flight, so no request
     # outlives this call, even when a database statement here raises.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drain-sender") as sender:
         report.requests += 1
         in_flight = sender.submit(transport.send, build_events(page))
         while True:
-            next_page = _fetch_page(due, page[-1].id, batch_size)
+            next_page = _next_page(due, page[-1].id, batch_size, sealer)
             next_events = build_events(next_page)
 
             try:
@@ -154,12 +197,10 @@ def ship_sealed(
                 try:
                     _split_or_park(page, error, transport, report, now)
                 except _StopShipping:
-                    report.kept_for_retry += due.filter(id__gt=page[-1].id).count()
-                    return
+                    return page[-1].id
             except DeliveryFailed as error:
                 _keep_for_retry(page, error, report, now)
-                report.kept_for_retry += due.filter(id__gt=page[-1].id).count()
-                return
+                return page[-1].id
             else:
                 confirmed = True
 
@@ -171,16 +212,28 @@ def ship_sealed(
                 in_flight = sender.submit(transport.send, next_events)
             if confirmed:
                 mark_delivered(page, transport.destination, report)
-            done += len(page)
-            if progress:
-                progress(done, total)
+            counter.add(len(page))
             if not lock_kept:
                 report.lock_lost = True
                 report.errors.append("the drain lock was lost; stopped shipping, the next drain goes on")
-                return
+                return None
             if not next_page:
-                return
+                return None
             page = next_page
+
+
+def _next_page(due, after_id, batch_size, sealer):
+    """Seal at least a page of rows ahead when there is a sealer, then fetch the next page.
+
+    Returns an empty list only when no due row is left above ``after_id`` and
+    nothing is left to seal.
+    """
+    while True:
+        if sealer is not None:
+            sealer.seal(batch_size, after_id)
+        page = _fetch_page(due, after_id, batch_size)
+        if page or sealer is None or sealer.finished:
+            return page
 
 
 def _fetch_page(due, after_id, batch_size):
@@ -357,8 +410,9 @@ def drain(now=None, org_id=None, transport=None, keep_lock=None, progress=None, 
     report = DrainReport(destination=transport.destination)
     logger.info("drain started: org=%s destination=%s", org_id or "all", report.destination)
 
-    report.sealed = seal_closed_buckets(now, org_id)
-    ship_sealed(report, transport, now, org_id, batch_size, keep_lock, progress)
+    sealer = SealAhead(now, org_id)
+    ship_sealed(report, transport, now, org_id, batch_size, keep_lock, progress, sealer=sealer)
+    report.sealed = sealer.sealed
     delete_expired_message_keys(now - settings.METERING_DEDUP_RETENTION)
 
     report.duration_ms = int((time.monotonic() - started) * 1000)
@@ -414,14 +468,8 @@ def retry_parked(row_ids=None):
 def pending_by_org(now=None, org_id=None):
     """Return what a drain would seal and ship now, per org: {org: OrgTotals}. Writes nothing."""
     now = now or _now()
-    cutoff = int(now.timestamp()) - settings.METERING_GRACE_SECONDS
-    closed_open = UsageBucket.objects.alias(bucket_end=F("bucket_start") + F("bucket_seconds")).filter(
-        state=UsageBucket.State.OPEN, bucket_end__lte=cutoff
-    )
-    if org_id:
-        closed_open = closed_open.filter(org_id=org_id)
     pending = collections.defaultdict(OrgTotals)
-    for queryset in (closed_open, _due_rows(now, org_id)):
+    for queryset in (closed_open_rows(now, org_id), _due_rows(now, org_id)):
         for org, events, compute_milli, connections in queryset.values_list("org_id").annotate(
             events=Count("id"), compute=Sum("compute_milli"), conns=Sum("connections")
         ).values_list("org_id", "events", "compute", "conns"):

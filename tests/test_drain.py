@@ -6,9 +6,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 
-from billing_drain import services
+from billing_drain import sealing, services
 from billing_drain.events import event_uuid
 from billing_drain.lock import drain_lock
 from billing_drain.models import DeliveredEvent
@@ -498,3 +498,90 @@ def test_event_carries_every_end_reason(posthog_settings, capture_server):
     [event] = capture_server.events()
     assert event["properties"]["end_reasons"] == reasons
     assert DeliveredEvent.objects.get().end_reasons == reasons
+
+
+@pytest.mark.django_db
+def test_sealing_ahead_ships_every_chunk(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=7)
+    transport = ScriptedTransport()
+    progress = []
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=3, progress=lambda *args: progress.append(args))
+
+    assert report.succeeded
+    assert report.sealed == 7
+    assert report.delivered_events == 7
+    assert transport.sent == [["org-0", "org-1", "org-2"], ["org-3", "org-4", "org-5"], ["org-6"]]
+    assert progress == [(3, 7), (6, 7), (7, 7)]
+    assert UsageBucket.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_failed_drain_still_seals_every_bucket(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+    transport = ScriptedTransport(errors={0: DeliveryFailed("HTTP 500: boom", 500)})
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert transport.sent == [["org-0", "org-1"]]
+    assert report.sealed == 6
+    assert report.kept_for_retry == 6
+    assert sealed_orgs() == [f"org-{index}" for index in range(6)]
+
+
+@pytest.mark.django_db
+def test_lost_lock_still_seals_every_bucket(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+
+    report = services.drain(now=CLOSED, transport=ScriptedTransport(), batch_size=2, keep_lock=lambda: False)
+
+    assert report.lock_lost
+    assert report.sealed == 6
+    assert sealed_orgs() == ["org-2", "org-3", "org-4", "org-5"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_row_sealed_behind_pages_ships_same_drain(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+    locked_id = UsageBucket.objects.get(org_id="org-0").id
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold_lock():
+        try:
+            with transaction.atomic():
+                UsageBucket.objects.select_for_update().get(id=locked_id)
+                holding.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert holding.wait(10)
+
+    class ReleasingTransport(ScriptedTransport):
+        def send(self, events):
+            # The first response comes once the increment's lock is gone, so
+            # a later chunk seals org-0 after the pages passed its id.
+            release.set()
+            holder.join(10)
+            super().send(events)
+
+    transport = ReleasingTransport()
+    try:
+        report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+    finally:
+        release.set()
+        holder.join(10)
+
+    assert report.succeeded
+    assert report.sealed == 6
+    assert report.delivered_events == 6
+    assert transport.sent[0] == ["org-1", "org-2"]
+    assert transport.sent[-1] == ["org-0"]
+    assert UsageBucket.objects.count() == 0
