@@ -1,4 +1,5 @@
 import os
+import threading
 import uuid
 
 import pytest
@@ -66,3 +67,53 @@ def start_worker(worker_env, tmp_path):
     yield start
     for process in started:
         process.stop()
+
+
+class RowLock:
+    """A row lock on one UsageBucket, held by another thread and connection as an increment's would be."""
+
+    def __init__(self, row_id):
+        self.row_id = row_id
+        self._holding = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._hold)
+
+    def _hold(self):
+        from django.db import transaction
+
+        from metering.models import UsageBucket
+
+        try:
+            with transaction.atomic():
+                UsageBucket.objects.select_for_update().get(id=self.row_id)
+                self._holding.set()
+                self._release.wait(10)
+        finally:
+            connection.close()
+
+    def acquire(self):
+        self._thread.start()
+        if not self._holding.wait(10):
+            raise TimeoutError(f"the lock on usage bucket {self.row_id} was not taken within 10 s")
+
+    def release(self):
+        """End the holder's transaction and wait for its thread. Calling it again does nothing."""
+        self._release.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+
+@pytest.fixture
+def lock_row():
+    """Return a function that locks a UsageBucket row from another connection. Every lock ends with the test."""
+    locks = []
+
+    def lock(row_id):
+        row_lock = RowLock(row_id)
+        locks.append(row_lock)
+        row_lock.acquire()
+        return row_lock
+
+    yield lock
+    for row_lock in locks:
+        row_lock.release()

@@ -1,5 +1,6 @@
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -7,15 +8,20 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from billing_drain import services
+from billing_drain import sealing, services
 from billing_drain.events import event_uuid
 from billing_drain.lock import drain_lock
 from billing_drain.models import DeliveredEvent
+from billing_drain.transport import DeliveryFailed
 from metering import buffer
 from metering.models import UsageBucket
+from metering.units import END_REASONS
 from tests.factories import BUCKET, row
 
 CLOSED = datetime.fromtimestamp(BUCKET + 90, timezone.utc)
+requires_row_locks = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SQLite locks whole tables, so an increment cannot lock one row"
+)
 
 
 def fill(orgs=3, compute_milli=1000):
@@ -339,3 +345,227 @@ def test_drain_command_says_redis_unreachable(settings):
 
     assert "cannot reach Redis for the drain lock" in str(error.value)
     assert "Check REDIS_URL" in str(error.value)
+
+
+class ScriptedTransport:
+    """A transport that records each request and raises the scripted error for it, if any.
+
+    ``stall_seconds`` delays the response to the request of that index (from 0).
+    """
+
+    destination = "scripted"
+
+    def __init__(self, errors=None, stall_seconds=None, calls=None):
+        self.errors = errors or {}
+        self.stall_seconds = stall_seconds or {}
+        self.calls = calls if calls is not None else []
+        self.sent = []
+        self.confirmed = set()
+        self.finished = 0
+
+    def send(self, events):
+        index = len(self.sent)
+        self.sent.append([event["distinct_id"] for event in events])
+        self.calls.append("send")
+        try:
+            time.sleep(self.stall_seconds.get(index, 0))
+            if index in self.errors:
+                raise self.errors[index]
+            self.confirmed.update(event["uuid"] for event in events)
+        finally:
+            self.finished += 1
+
+
+def sealed_orgs():
+    return sorted(UsageBucket.objects.filter(state="sealed").values_list("org_id", flat=True))
+
+
+@pytest.mark.django_db
+def test_failed_later_page_keeps_it_and_rest():
+    fill(orgs=6)
+    transport = ScriptedTransport(errors={1: DeliveryFailed("HTTP 503: unavailable", 503)})
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert transport.sent == [["org-0", "org-1"], ["org-2", "org-3"]]
+    assert report.requests == 2
+    assert report.delivered_events == 2
+    assert report.kept_for_retry == 4
+    assert sorted(DeliveredEvent.objects.values_list("org_id", flat=True)) == ["org-0", "org-1"]
+    assert sealed_orgs() == ["org-2", "org-3", "org-4", "org-5"]
+    assert sorted(UsageBucket.objects.filter(attempts=1).values_list("org_id", flat=True)) == ["org-2", "org-3"]
+    assert UsageBucket.objects.filter(attempts=0, next_attempt_at__isnull=True).count() == 2
+
+
+@pytest.mark.django_db
+def test_rows_deleted_only_after_own_response(monkeypatch):
+    fill(orgs=7)
+    transport = ScriptedTransport(stall_seconds={1: 0.2, 2: 0.2})
+    unconfirmed_deletes = []
+    original_mark_delivered = services.mark_delivered
+
+    def checked_mark_delivered(rows, destination, report):
+        unconfirmed_deletes.extend(row.org_id for row in rows if str(row.event_uuid) not in transport.confirmed)
+        return original_mark_delivered(rows, destination, report)
+
+    monkeypatch.setattr(services, "mark_delivered", checked_mark_delivered)
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert unconfirmed_deletes == []
+    assert report.delivered_events == 7
+    assert report.requests == 4
+    assert UsageBucket.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_lock_checked_before_each_next_request():
+    fill(orgs=6)
+    calls = []
+    transport = ScriptedTransport(calls=calls)
+
+    def keep_lock():
+        calls.append("keep_lock")
+        return True
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2, keep_lock=keep_lock)
+
+    assert report.succeeded
+    assert calls == ["send", "keep_lock", "send", "keep_lock", "send", "keep_lock"]
+
+
+@pytest.mark.django_db
+def test_lost_lock_stops_before_next_request():
+    fill(orgs=6)
+    transport = ScriptedTransport()
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2, keep_lock=lambda: False)
+
+    assert transport.sent == [["org-0", "org-1"]]
+    assert report.lock_lost
+    assert report.delivered_events == 2
+    assert DeliveredEvent.objects.count() == 2
+    assert sealed_orgs() == ["org-2", "org-3", "org-4", "org-5"]
+
+
+@pytest.mark.django_db
+def test_database_error_waits_for_request_in_flight(monkeypatch):
+    fill(orgs=4)
+    transport = ScriptedTransport(stall_seconds={1: 0.3})
+
+    def failing_mark_delivered(rows, destination, report):
+        raise RuntimeError("database went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(services, "mark_delivered", failing_mark_delivered)
+        with pytest.raises(RuntimeError, match="database went away"):
+            services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert transport.finished == 2
+    assert sealed_orgs() == ["org-0", "org-1", "org-2", "org-3"]
+    first_uuids = set(transport.confirmed)
+
+    retry = ScriptedTransport()
+    report = services.drain(now=CLOSED, transport=retry, batch_size=2)
+
+    assert report.delivered_events == 4
+    assert retry.confirmed == first_uuids
+    assert DeliveredEvent.objects.count() == 4
+
+
+@pytest.mark.django_db
+def test_rejected_event_on_later_page_is_parked(posthog_settings, capture_server):
+    fill(orgs=6)
+    poisoned = str(event_uuid("org-3", BUCKET, 1))
+    capture_server.poison(poisoned)
+
+    report = services.drain(now=CLOSED, batch_size=2)
+
+    assert report.parked == 1
+    assert report.delivered_events == 5
+    # Three pages, and the rejected page split into two requests of one event.
+    assert report.requests == 5
+    assert set(capture_server.events_by_uuid()) == {
+        str(event_uuid(f"org-{index}", BUCKET, 1)) for index in range(6) if index != 3
+    }
+    assert UsageBucket.objects.get().org_id == "org-3"
+
+
+@pytest.mark.django_db
+def test_event_carries_every_end_reason(posthog_settings, capture_server):
+    reasons = {reason: index + 1 for index, reason in enumerate(END_REASONS)}
+    buffer.apply_batch("b1", [row(org_id="hooli", connections=sum(reasons.values()), end_reasons=reasons)])
+
+    services.drain(now=CLOSED)
+
+    [event] = capture_server.events()
+    assert event["properties"]["end_reasons"] == reasons
+    assert DeliveredEvent.objects.get().end_reasons == reasons
+
+
+@pytest.mark.django_db
+def test_sealing_ahead_ships_every_chunk(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=7)
+    transport = ScriptedTransport()
+    progress = []
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=3, progress=lambda *args: progress.append(args))
+
+    assert report.succeeded
+    assert report.sealed == 7
+    assert report.delivered_events == 7
+    assert transport.sent == [["org-0", "org-1", "org-2"], ["org-3", "org-4", "org-5"], ["org-6"]]
+    assert progress == [(3, 7), (6, 7), (7, 7)]
+    assert UsageBucket.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_failed_drain_still_seals_every_bucket(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+    transport = ScriptedTransport(errors={0: DeliveryFailed("HTTP 500: boom", 500)})
+
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert transport.sent == [["org-0", "org-1"]]
+    assert report.sealed == 6
+    assert report.kept_for_retry == 6
+    assert sealed_orgs() == [f"org-{index}" for index in range(6)]
+
+
+@pytest.mark.django_db
+def test_lost_lock_still_seals_every_bucket(monkeypatch):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+
+    report = services.drain(now=CLOSED, transport=ScriptedTransport(), batch_size=2, keep_lock=lambda: False)
+
+    assert report.lock_lost
+    assert report.sealed == 6
+    assert sealed_orgs() == ["org-2", "org-3", "org-4", "org-5"]
+
+
+@requires_row_locks
+@pytest.mark.django_db(transaction=True)
+def test_row_sealed_behind_pages_ships_same_drain(monkeypatch, lock_row):
+    monkeypatch.setattr(sealing, "SEAL_CHUNK_ROWS", 2)
+    fill(orgs=6)
+    row_lock = lock_row(UsageBucket.objects.get(org_id="org-0").id)
+
+    class ReleasingTransport(ScriptedTransport):
+        def send(self, events):
+            # The first response comes once the increment's lock is gone, so
+            # a later chunk seals org-0 after the pages passed its id.
+            row_lock.release()
+            super().send(events)
+
+    transport = ReleasingTransport()
+    report = services.drain(now=CLOSED, transport=transport, batch_size=2)
+
+    assert report.succeeded
+    assert report.sealed == 6
+    assert report.delivered_events == 6
+    assert transport.sent[0] == ["org-1", "org-2"]
+    assert transport.sent[-1] == ["org-0"]
+    assert UsageBucket.objects.count() == 0
