@@ -520,6 +520,16 @@ class MeteringClient:
         except Exception:  # noqa: BLE001 - exit handlers must not raise
             logger.exception("metering exit flush failed")
 
+    def stop(self):
+        """Stop the flusher and keep what is pending unpublished; return how many rows that is. Never raises.
+
+        For a caller that gave up, such as an import that failed and will be
+        run again: nothing is published after this.
+        """
+        self._closed = True
+        self._stop.set()
+        return self._unpublished_rows() + len(self._incoming)
+
     def _flush_until(self, deadline):
         """Flush, retrying failed publishes and waiting for confirmations, until all is confirmed or the deadline."""
         send_again_at = time.monotonic() + (deadline - time.monotonic()) / 2

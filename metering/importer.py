@@ -117,8 +117,8 @@ def import_logs(
         summary = _meter_sessions(client, paths, sizes, org_from, pattern, log_format, progress, keep_ids)
         _flush(client)
     except BaseException:
-        # Stop the flusher: a failed import must not go on publishing what it left pending.
-        client.close(timeout=0)
+        # A failed import must not go on publishing what it left pending; running it again sends all of it.
+        client.stop()
         raise
     # Wait, as a process exit does, for the workers to confirm what was sent; a batch the broker lost is sent again.
     client.close()

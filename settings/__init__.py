@@ -104,9 +104,10 @@ METERING_MAX_PENDING_CONNECTIONS = env_int("METERING_MAX_PENDING_CONNECTIONS", 1
 METERING_ROWS_PER_MESSAGE = env_int("METERING_ROWS_PER_MESSAGE", 500, minimum=1)
 METERING_PUBLISH_TIMEOUT_SECONDS = env_decimal("METERING_PUBLISH_TIMEOUT_SECONDS", "2", minimum_exclusive=0)
 METERING_EXIT_FLUSH_SECONDS = env_decimal("METERING_EXIT_FLUSH_SECONDS", "5", minimum_exclusive=0)
-# With a Redis broker the client keeps each published batch until a worker
-# confirms it, and sends it again (same batch id) when no confirmation came
-# within this many seconds, doubling up to ten minutes. 0 turns this off.
+# The client keeps each published batch until a worker confirms it
+# (metering/confirmations.py), and sends it again (same batch id) when no
+# confirmation came within this many seconds, doubling up to ten minutes.
+# 0 turns this off.
 METERING_CONFIRM_SECONDS = env_int("METERING_CONFIRM_SECONDS", 60, minimum=0)
 # Message ids applied to the buffer are kept this long to recognise redeliveries
 # and re-imports. It must stay longer than the broker's visibility timeout.
@@ -134,14 +135,21 @@ REDIS_URL = env_str("REDIS_URL")
 
 # Celery.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost/")
+if not CELERY_BROKER_URL.startswith(("redis://", "rediss://", "filesystem://")):
+    raise ImproperlyConfigured(
+        f"CELERY_BROKER_URL={CELERY_BROKER_URL.split('@')[-1]!r} is not a supported broker; "
+        "use redis://host:6379/0, rediss://… or filesystem://localhost/ (the default)"
+    )
 CELERY_BROKER_DIR = DATA_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    for folder in ("queue", "processed"):
+    for folder in ("queue", "processed", "control"):
         (CELERY_BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR / "queue"),
         "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
         "processed_folder": str(CELERY_BROKER_DIR / "processed"),
+        # kombu keeps its exchange tables in ./control by default.
+        "control_folder": str(CELERY_BROKER_DIR / "control"),
         "store_processed": False,
         # kombu polls the folder once a second by default, which caps a
         # prefork worker at about one message a second.

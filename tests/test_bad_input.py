@@ -621,6 +621,13 @@ SETTINGS_CASES = [
                  id="lock-timeout-short"),
     pytest.param({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/15", "CELERY_VISIBILITY_TIMEOUT": "0"},
                  "CELERY_VISIBILITY_TIMEOUT='0' is too small; the minimum is 1", id="visibility-timeout-zero"),
+    pytest.param({"CELERY_BROKER_URL": "nope://"},
+                 "CELERY_BROKER_URL='nope://' is not a supported broker; use redis://host:6379/0, rediss://… or "
+                 "filesystem://localhost/ (the default)", id="broker-url-unknown-scheme"),
+    pytest.param({"CELERY_BROKER_URL": "amqp://app:s3cret@rabbit:5672//"},
+                 "CELERY_BROKER_URL='rabbit:5672//' is not a supported broker", id="broker-url-amqp-hides-password"),
+    pytest.param({"METERING_CONFIRM_SECONDS": "-5"},
+                 "METERING_CONFIRM_SECONDS='-5' is too small; the minimum is 0", id="confirm-negative"),
     pytest.param({"METERING_LOG_LEVEL": "LOUD"},
                  "METERING_LOG_LEVEL='LOUD' is invalid; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
                  id="log-level-unknown"),
@@ -654,4 +661,5 @@ def test_check_command_names_bad_variable(tmp_path):
                             timeout=60)
 
     assert result.returncode == 1
-    assert "METERING_BUCKET_SECONDS='0' is too small; the minimum is 1" in result.stderr
+    assert "configuration error: METERING_BUCKET_SECONDS='0' is too small; the minimum is 1" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -372,3 +372,14 @@ def test_exit_flush_returns_once_confirmed(caplog):
     assert len(publisher.batches) == 1
     assert client.stats()["confirmed_messages"] == 1
     assert "no worker confirmed" not in caplog.text
+
+
+def test_stop_publishes_nothing_more():
+    publisher = RecordingPublisher()
+    client = new_client(publisher, flush_seconds=0.2)
+    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+
+    assert client.stop() == 1
+    time.sleep(0.6)
+
+    assert publisher.batches == []
