@@ -12,14 +12,16 @@ Failure handling:
 - A broker that is down or frozen makes a publish fail within the publish
   timeout. The frozen batch is kept and retried later under the same batch id,
   so a publish whose outcome was unknown cannot count twice.
-- With ``confirmations`` (a Redis broker, see metering.confirmations) a
-  published batch is kept until a worker confirms it, and sent again under the
-  same batch id when no confirmation came within ``confirm_seconds``. This
-  covers a batch the broker lost after taking it.
-- Memory is bounded: past ``max_pending_keys`` aggregate rows (or
+- With ``confirmations`` (see metering.confirmations) a published batch is
+  kept until a worker confirms it, and sent again under the same batch id when
+  no confirmation came within ``confirm_seconds``. This covers a batch the
+  broker lost after taking it.
+- Memory is bounded: past ``max_pending_keys`` unpublished rows (or
   ``max_pending_connections`` unfolded connections) new connections are
-  dropped, counted and logged. Batches waiting for a confirmation count as
-  pending rows.
+  dropped, counted and logged. Published batches waiting for a confirmation
+  are held apart, up to ``max_pending_keys`` rows as well. Past that the
+  oldest are no longer waited for: they are in the broker, and stopped
+  workers must not make the client drop new connection ends.
 - At interpreter exit the client flushes for at most ``exit_flush_seconds``,
   retrying publishes that fail and waiting for confirmations.
   A process killed with SIGKILL loses what it had not published yet.
@@ -271,7 +273,26 @@ class MeteringClient:
                     wait = min(self.confirm_seconds * 2**sent_before, _MAX_CONFIRM_WAIT_SECONDS)
                     self._unconfirmed[batch_id] = (frozen_rows, now, now + wait, sent_before)
                     self._unconfirmed_rows += len(frozen_rows)
+                    self._limit_unconfirmed()
             return True
+
+    def _limit_unconfirmed(self):
+        """Stop waiting for the oldest confirmations while more than ``max_pending_keys`` rows wait for one."""
+        released = 0
+        while self._unconfirmed_rows > self.max_pending_keys and len(self._unconfirmed) > 1:
+            batch_id = next(iter(self._unconfirmed))
+            frozen_rows = self._unconfirmed.pop(batch_id)[0]
+            self._unconfirmed_rows -= len(frozen_rows)
+            released += 1
+        if released:
+            self._counts["unconfirmed_released"] += released
+            self._log.warning(
+                "unconfirmed_released",
+                "metering stopped waiting for a worker to confirm %s published batches: more than %s rows "
+                "(METERING_MAX_PENDING_KEYS) were waiting; they stay in the broker. Are the workers running?",
+                released,
+                self.max_pending_keys,
+            )
 
     def _collect_confirmations(self):
         """Forget the batches workers confirmed; queue again those whose wait is over."""
@@ -379,9 +400,6 @@ class MeteringClient:
         self._counts["recorded"] += 1
 
     def _pending_keys(self):
-        return len(self._aggregate) + len(self._keyed_rows) + self._unsent_rows + self._unconfirmed_rows
-
-    def _unpublished_rows(self):
         return len(self._aggregate) + len(self._keyed_rows) + self._unsent_rows
 
     def _drop(self, org_id):
@@ -468,7 +486,7 @@ class MeteringClient:
         published and wait for a worker's confirmation.
         """
         counts = dict(self._counts)
-        counts["pending_rows"] = self._unpublished_rows()
+        counts["pending_rows"] = self._pending_keys()
         counts["unconfirmed_rows"] = self._unconfirmed_rows
         counts["queued_connections"] = len(self._incoming)
         return counts
@@ -502,7 +520,7 @@ class MeteringClient:
             final.join(max(0.0, deadline - time.monotonic()))
             if outcome and outcome[0]:
                 return
-            unpublished = self._unpublished_rows() + len(self._incoming)
+            unpublished = self._pending_keys() + len(self._incoming)
             if unpublished:
                 logger.error(
                     "metering exit flush could not publish %s pending rows within %.1f s; they are lost",
@@ -528,7 +546,7 @@ class MeteringClient:
         """
         self._closed = True
         self._stop.set()
-        return self._unpublished_rows() + len(self._incoming)
+        return self._pending_keys() + len(self._incoming)
 
     def _flush_until(self, deadline):
         """Flush, retrying failed publishes and waiting for confirmations, until all is confirmed or the deadline."""

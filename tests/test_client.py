@@ -323,17 +323,20 @@ def test_unreadable_confirmations_keep_batches(caplog):
     assert client.stats()["unconfirmed_rows"] == 0
 
 
-def test_unconfirmed_batches_count_against_the_pending_cap(caplog):
+def test_unconfirmed_batches_never_cause_drops(caplog):
     publisher = RecordingPublisher()
-    client = confirming_client(publisher, FakeConfirmations(), max_pending_keys=2)
-    client.record("acme", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
-    client.record("globex", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
-    client.flush()
-    client.record("initech", "2", "4Gi", ended_at=ENDED, duration_seconds=1)
-    client.fold()
+    client = confirming_client(publisher, FakeConfirmations(), max_pending_keys=2, rows_per_message=1)
+    for org in ("acme", "globex", "initech", "umbrella"):
+        client.record(org, "2", "4Gi", ended_at=ENDED, duration_seconds=1)
+        client.flush()
 
-    assert client.stats()["dropped"] == 1
-    assert "metering dropped a connection end for org 'initech'" in caplog.text
+    stats = client.stats()
+    assert stats.get("dropped", 0) == 0
+    assert len(publisher.batches) == 4
+    # Only the two newest batches are still waited for.
+    assert stats["unconfirmed_rows"] == 2
+    assert stats["unconfirmed_released"] == 2
+    assert "metering stopped waiting for a worker to confirm 1 published batches" in caplog.text
 
 
 def test_exit_flush_resends_unconfirmed_batch(caplog):
