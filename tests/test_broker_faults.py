@@ -264,9 +264,8 @@ def publisher(redis_server, worker_env, monkeypatch):
     publisher.close()
 
 
-@pytest.fixture
-def metering_client(publisher):
-    client = MeteringClient(
+def new_client(publisher, **options):
+    return MeteringClient(
         bucket_seconds=BUCKET_SECONDS,
         memory_per_core_gib=MEMORY_PER_CORE_GIB,
         max_connection_seconds=86400,
@@ -276,7 +275,13 @@ def metering_client(publisher):
         publish_timeout_seconds=PUBLISH_TIMEOUT_SECONDS,
         publish=publisher,
         register_exit_flush=False,
+        **options,
     )
+
+
+@pytest.fixture
+def metering_client(publisher):
+    client = new_client(publisher)
     yield client
     client.close(timeout=FLUSH_LIMIT_SECONDS)
 
@@ -525,16 +530,8 @@ def test_pool_process_killed_counts_once(redis_server, publisher, start_broker_w
 @pytest.fixture
 def confirming_client(redis_server, publisher):
     """A client that keeps each batch until a worker confirms it, and sends it again after 1 s without one."""
-    client = MeteringClient(
-        bucket_seconds=BUCKET_SECONDS,
-        memory_per_core_gib=MEMORY_PER_CORE_GIB,
-        max_connection_seconds=86400,
-        flush_seconds=3600,
-        publish_timeout_seconds=PUBLISH_TIMEOUT_SECONDS,
-        publish=publisher,
-        confirmations=RedisConfirmations(redis_server.url, PUBLISH_TIMEOUT_SECONDS),
-        confirm_seconds=1,
-        register_exit_flush=False,
+    client = new_client(
+        publisher, confirmations=RedisConfirmations(redis_server.url, PUBLISH_TIMEOUT_SECONDS), confirm_seconds=1
     )
     yield client
     client.close(timeout=FLUSH_LIMIT_SECONDS)
