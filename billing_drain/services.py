@@ -365,18 +365,18 @@ def _keep_for_retry(rows, error, report, now):
     """Record a failed attempt on each row and set its next attempt with exponential backoff."""
     retry_after = getattr(error, "retry_after", None)
     last_error = str(error)[:_MAX_ERROR_LENGTH]
-    kept = []
+    updated = []
     for row in rows:
         attempts = row.attempts + 1
         delay = min(settings.DRAIN_MAX_BACKOFF_SECONDS, 30 * 2 ** (attempts - 1))
         if retry_after:
             delay = max(delay, min(float(retry_after), settings.DRAIN_MAX_BACKOFF_SECONDS))
-        kept.append(
+        updated.append(
             UsageBucket(
                 id=row.id, attempts=attempts, next_attempt_at=now + timedelta(seconds=delay), last_error=last_error
             )
         )
-    UsageBucket.objects.bulk_update(kept, ["attempts", "next_attempt_at", "last_error"])
+    UsageBucket.objects.bulk_update(updated, ["attempts", "next_attempt_at", "last_error"])
     report.kept_for_retry += len(rows)
     report.errors.append(str(error))
     logger.warning(
@@ -384,7 +384,7 @@ def _keep_for_retry(rows, error, report, now):
         len(rows),
         getattr(report, "destination", "?"),
         error,
-        int((kept[0].next_attempt_at - now).total_seconds()),
+        int((updated[0].next_attempt_at - now).total_seconds()),
     )
 
 

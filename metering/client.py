@@ -539,10 +539,11 @@ class MeteringClient:
             logger.exception("metering exit flush failed")
 
     def stop(self):
-        """Stop the flusher and keep what is pending unpublished; return how many rows that is. Never raises.
+        """Stop the flusher without publishing what is pending, and return how many rows that is.
 
         For a caller that gave up, such as an import that failed and will be
-        run again: nothing is published after this.
+        run again. A flush already running may still finish its publish, but
+        nothing is published after it.
         """
         self._closed = True
         self._stop.set()

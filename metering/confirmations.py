@@ -5,8 +5,8 @@ records the message as unacknowledged. A worker killed, or a Redis stopped,
 between those two steps loses the message, and ``acks_late`` cannot help
 because the message was never recorded. kombu's filesystem transport deletes
 a message's file when a worker takes it, so a worker killed with SIGKILL
-loses the messages it had taken and not finished. So the worker confirms each message it
-is done with. The sender keeps what it sent until the confirmation arrives.
+loses the messages it had taken and not finished. So the worker confirms
+each message it is done with. The sender keeps what it sent until the confirmation arrives.
 After a timeout it sends the same message again under the same id, and the
 buffer applies it at most once.
 
@@ -34,10 +34,11 @@ _IDS_PER_CALL = 1000
 
 
 class RedisConfirmations:
+    """Confirmations as Redis keys that expire after TTL_SECONDS, on the broker's Redis."""
+
     def __init__(self, url, timeout_seconds):
         import redis
 
-        self.url = url
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
         )
@@ -49,7 +50,7 @@ class RedisConfirmations:
     def take_confirmed(self, message_ids):
         """Return the set of ``message_ids`` that were confirmed, and delete their confirmations.
 
-        Raises redis errors; the caller asks again later.
+        Raises redis errors, and the caller reads again later.
         """
         confirmed = set()
         message_ids = list(message_ids)
@@ -133,10 +134,10 @@ _worker_confirmations = None
 
 
 def confirm_done(message_id):
-    """Confirm from a worker that it is done with ``message_id``. Never raises.
+    """Confirm from a worker that it is done with ``message_id``, logging any failure instead of raising.
 
-    A confirmation that cannot be written is logged; the sender then sends the
-    message again after its timeout, and the worker skips and confirms it.
+    When a confirmation cannot be written, the sender sends the message again
+    after its timeout, and the worker skips it as a redelivery and confirms it.
     """
     global _worker_confirmations
     if not message_id:

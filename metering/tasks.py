@@ -1,5 +1,6 @@
 """Celery tasks that write usage into the buffer. Thin callers of metering.buffer."""
 
+import functools
 import logging
 
 from celery import shared_task
@@ -17,19 +18,26 @@ logger = logging.getLogger(__name__)
 _RETRY_BACKOFF_MAX_SECONDS = 60
 
 
-@shared_task(name="metering.apply_batch", bind=True, max_retries=None)
-def apply_batch(self, batch_id=None, rows=None, **unexpected):
-    """Apply a batch from the metering client; a redelivered batch counts once.
+def _confirms_when_done(run):
+    """Wrap a bound task so that it confirms its task id to the sender once it returns (metering.confirmations).
 
-    Once the batch is applied, skipped as a redelivery or rejected for good,
-    the worker confirms its task id to the sender (metering.confirmations).
+    A task returns once the message is applied, skipped as a redelivery or
+    rejected for good. A retry raises instead, so it is not confirmed.
     """
-    applied = _apply_batch(self, batch_id, rows, unexpected)
-    confirm_done(self.request.id)
-    return applied
+
+    @functools.wraps(run)
+    def run_and_confirm(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        confirm_done(self.request.id)
+        return result
+
+    return run_and_confirm
 
 
-def _apply_batch(task, batch_id, rows, unexpected):
+@shared_task(name="metering.apply_batch", bind=True, max_retries=None)
+@_confirms_when_done
+def apply_batch(self, batch_id=None, rows=None, **unexpected):
+    """Apply a batch from the metering client; a redelivered batch counts once."""
     if unexpected:
         logger.error(
             "rejected malformed batch %r: unknown arguments %s; accepted are batch_id, rows; the message is dropped",
@@ -46,13 +54,14 @@ def _apply_batch(task, batch_id, rows, unexpected):
         _log_unstorable("batch", batch_id, error)
         return 0
     except DatabaseError as error:
-        _retry_later(task, error, batch_id)
+        _retry_later(self, error, batch_id)
     if applied == 0:
         logger.info("batch %s was applied before; skipped as a redelivery", batch_id)
     return applied
 
 
 @shared_task(name="metering.record_connection_end", bind=True, max_retries=None)
+@_confirms_when_done
 def record_connection_end(
     self,
     org_id=None,
@@ -68,26 +77,7 @@ def record_connection_end(
     """Apply one connection end sent by name, at most once per ``connection_id``.
 
     Sizes are Kubernetes quantity strings, times ISO 8601 strings with a zone.
-    Like ``apply_batch``, it confirms its task id once it is done.
     """
-    kwargs = {
-        "org_id": org_id,
-        "cores": cores,
-        "memory": memory,
-        "started_at": started_at,
-        "ended_at": ended_at,
-        "duration_seconds": duration_seconds,
-        "end_reason": end_reason,
-        "connection_id": connection_id,
-    }
-    applied = _record_connection_end(self, unexpected=unexpected, **kwargs)
-    confirm_done(self.request.id)
-    return applied
-
-
-def _record_connection_end(
-    task, org_id, cores, memory, started_at, ended_at, duration_seconds, end_reason, connection_id, unexpected
-):
     if unexpected:
         logger.error(
             "rejected connection end %r: unknown arguments %s; accepted are org_id, cores, memory, "
@@ -122,7 +112,7 @@ def _record_connection_end(
         _log_unstorable("connection end", connection_id, error)
         return 0
     except DatabaseError as error:
-        _retry_later(task, error, connection_id)
+        _retry_later(self, error, connection_id)
     if applied == 0:
         logger.info("connection %s was applied before; skipped as a redelivery", connection_id)
     return applied

@@ -184,9 +184,9 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # The task is idempotent by its message id, so the re-run counts once.
 # kombu's Redis transport removes a message from the queue (BRPOP) before it
 # records it as unacknowledged, so a worker killed, or a Redis stopped, in the
-# milliseconds between loses that message, whatever the acknowledgement settings. The
-# client covers that window: it re-sends batches no worker confirmed
-# (METERING_CONFIRM_SECONDS, metering/confirmations.py).
+# milliseconds between loses that message, whatever these settings are. The
+# client covers that window because it sends again the batches no worker
+# confirmed (METERING_CONFIRM_SECONDS, metering/confirmations.py).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

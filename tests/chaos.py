@@ -489,14 +489,21 @@ class Chaos:
                 info = self._disarm(AFTER_BATCH, "worker")
                 if info is None:
                     return False
-            with self.worker_lock:
-                worker = self._worker_by_pid(info["pid"])
-                if worker is None:
-                    self._release(info)
-                    return False
-                worker.kill()
+            return self._kill_paused_worker(info)
+
+    def _kill_paused_worker(self, info):
+        """Kill the worker paused at a hook with SIGKILL, release the hook and start the worker again.
+
+        Returns False when no worker has the paused process id.
+        """
+        with self.worker_lock:
+            worker = self._worker_by_pid(info["pid"])
+            if worker is None:
                 self._release(info)
-                worker.start()
+                return False
+            worker.kill()
+            self._release(info)
+            worker.start()
         return True
 
     def fault_worker_kill(self, delay):
@@ -533,15 +540,7 @@ class Chaos:
                 info = self._disarm(BEFORE_DELETE, "worker")
                 if info is None:
                     return False
-            with self.worker_lock:
-                worker = self._worker_by_pid(info["pid"])
-                if worker is None:
-                    self._release(info)
-                    return False
-                worker.kill()
-                self._release(info)
-                worker.start()
-        return True
+            return self._kill_paused_worker(info)
 
     def _pause_subprocess_drain(self, max_seconds):
         """Start a drain subprocess, wait until one of ours paused before a delete and return (process, info)."""
